@@ -1,0 +1,419 @@
+"""ProtectedOptimizer: a drop-in torch.optim wrapper that protects named objectives."""
+
+from __future__ import annotations
+
+import types
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, replace
+from typing import Any
+
+import torch
+
+from .backends import Backend, StepRecord, get_backend
+from .objective import ObjectiveConfig, ProtectedObjective, normalize_samples, pack_samples
+from .plan import Plan, build_plan
+
+__all__ = ["ProtectedOptimizer", "SPACES"]
+
+SPACES = ("grad", "update")
+_STATE_VERSION = 1
+_HOOK_DICTS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+Closure = Callable[[], torch.Tensor]
+
+
+class ProtectedOptimizer(torch.optim.Optimizer):
+    """Wrap ``base_optimizer`` so that each step leaves protected objectives alone.
+
+    Args:
+        base_optimizer: any ``torch.optim.Optimizer``; its ``param_groups``, ``state`` and
+            ``defaults`` are shared live (schedulers drive its learning rate).
+        protected_grads: name -> gradient sample(s) (sequences of tensors aligned with the
+            optimizer's parameters in ``param_groups`` order, ``None`` for a parameter the
+            objective does not cover) or a closure returning the protected loss.
+        mode, rank, scope, strength, damping, references, refresh_every, energy, fisher_decay:
+            defaults for every objective (see ``protect``).
+        space: "grad" (change ``p.grad`` before the base step) or "update" (let the base step
+            run, then change the parameter update it made).
+        backend: "torch", or None for the ``GRADSAFE_BACKEND`` environment variable / auto.
+    """
+
+    def __init__(
+        self,
+        base_optimizer: torch.optim.Optimizer,
+        protected_grads: Mapping[str, Any] | None = None,
+        *,
+        mode: str = "project",
+        rank: int = 16,
+        scope: str = "global",
+        space: str = "grad",
+        damping: float = 0.0,
+        refresh_every: int | None = None,
+        backend: str | None = None,
+        strength: float = 1.0,
+        references: str = "mean",
+        energy: float = 1.0,
+        fisher_decay: float = 0.5,
+    ) -> None:
+        if not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        if isinstance(base_optimizer, ProtectedOptimizer):
+            raise TypeError("base_optimizer is already a ProtectedOptimizer; wrap the base optimizer once")
+        if space not in SPACES:
+            raise ValueError(f"unknown space {space!r}; expected one of {SPACES}")
+        self.base_optimizer = base_optimizer
+        self.space = space
+        self.default_config = ObjectiveConfig(
+            mode=mode,
+            rank=rank,
+            scope=scope,
+            strength=strength,
+            damping=damping,
+            references=references,
+            refresh_every=refresh_every,
+            energy=energy,
+            fisher_decay=fisher_decay,
+        )
+        self.backend_name = backend
+        self._backend: Backend = get_backend(backend)
+        self._objectives: dict[str, ProtectedObjective] = {}
+        self._last_refresh: dict[str, int] = {}
+        self._plan: Plan | None = None
+        self._plan_params: list[torch.Tensor] = []
+        self._last: tuple[Plan, StepRecord] | None = None
+        self._report_cache: dict[str, dict[str, float]] | None = None
+        self.gradsafe_steps = 0
+        # What Optimizer.__init__ would set up, without touching the base's param_groups.
+        for attr in _HOOK_DICTS:
+            setattr(self, attr, OrderedDict())
+        self._patch_step_function()
+        self._warned_capturable_if_run_uncaptured = True
+
+        if protected_grads is not None:
+            if not isinstance(protected_grads, Mapping):
+                raise TypeError(f"protected_grads must be a mapping name -> samples, got {type(protected_grads).__name__}")
+            for name, value in protected_grads.items():
+                if callable(value):
+                    self.protect(name, closure=value)
+                else:
+                    self.protect(name, value)
+
+    # ------------------------------------------------------------------ live delegation
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.base_optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.base_optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.base_optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.base_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.base_optimizer.defaults = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.base_optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"{n}:{o.config.mode}" for n, o in self._objectives.items()) or "none"
+        return f"ProtectedOptimizer({self.base_optimizer.__class__.__name__}, space={self.space!r}, objectives=[{names}])"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k not in _HOOK_DICTS}
+        state["_plan"] = None
+        state["_plan_params"] = []
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # restores the hook dictionaries and the patched step
+
+    # ------------------------------------------------------------------ objectives
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.base_optimizer.param_groups for p in group["params"]]
+
+    @property
+    def objectives(self) -> Mapping[str, ProtectedObjective]:
+        """Read-only mapping name -> ProtectedObjective."""
+        return types.MappingProxyType(self._objectives)
+
+    def protect(
+        self,
+        name: str,
+        grads: Any = None,
+        *,
+        closure: Closure | None = None,
+        mode: str | None = None,
+        rank: int | None = None,
+        scope: str | None = None,
+        strength: float | None = None,
+        damping: float | None = None,
+        references: str | None = None,
+        refresh_every: int | None = None,
+        energy: float | None = None,
+        fisher_decay: float | None = None,
+    ) -> ProtectedObjective:
+        """Register a protected objective from gradient samples or from a closure.
+
+        ``grads``: one sample (tensors aligned with the parameters, None where not covered)
+        or a sequence of samples. ``closure``: returns the protected loss; its gradient is
+        computed now, and again every ``refresh_every`` steps if given. Unset options take
+        the wrapper's defaults.
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"objective name must be a string, got {type(name).__name__}")
+        if not name:
+            raise ValueError("objective name must not be empty")
+        if name in self._objectives:
+            raise ValueError(f"an objective named {name!r} is already protected; unprotect it first")
+        if grads is not None and closure is not None:
+            raise ValueError(f"give either grads or closure for {name!r}, not both")
+        if grads is None and closure is None:
+            raise ValueError(f"objective {name!r} needs gradient samples or a closure")
+        if closure is not None and not callable(closure):
+            raise TypeError(f"closure for {name!r} must be callable")
+        overrides = {
+            k: v
+            for k, v in dict(
+                mode=mode,
+                rank=rank,
+                scope=scope,
+                strength=strength,
+                damping=damping,
+                references=references,
+                refresh_every=refresh_every,
+                energy=energy,
+                fisher_decay=fisher_decay,
+            ).items()
+            if v is not None
+        }
+        config = replace(self.default_config, **overrides)
+        params = self._params()
+        if closure is not None:
+            samples = [self._closure_gradient(name, closure, params)]
+        else:
+            samples = normalize_samples(grads, name)
+        coverage, S = pack_samples(samples, params, name)
+        obj = ProtectedObjective(name, config, coverage, [params[i].shape for i in coverage], closure=closure)
+        obj.add_samples(S)
+        self._objectives[name] = obj
+        self._last_refresh[name] = self.gradsafe_steps
+        self._invalidate()
+        return obj
+
+    def unprotect(self, name: str) -> ProtectedObjective:
+        """Remove an objective; its memory is returned."""
+        if name not in self._objectives:
+            raise KeyError(f"no protected objective named {name!r}; known: {sorted(self._objectives)}")
+        self._last_refresh.pop(name, None)
+        obj = self._objectives.pop(name)
+        self._invalidate()
+        return obj
+
+    def add_samples(self, name: str, grads: Any) -> None:
+        """Merge new gradient samples into an objective's memory (basis union, online Fisher)."""
+        obj = self._get(name)
+        samples = normalize_samples(grads, name)
+        _, S = pack_samples(samples, self._params(), name, coverage=obj.coverage)
+        obj.add_samples(S)
+        self._invalidate()
+
+    def attach_closure(self, name: str, closure: Closure) -> None:
+        """Give an objective (e.g. one restored by ``load_state_dict``) its closure back."""
+        if not callable(closure):
+            raise TypeError(f"closure for {name!r} must be callable")
+        self._get(name).closure = closure
+
+    def _get(self, name: str) -> ProtectedObjective:
+        try:
+            return self._objectives[name]
+        except KeyError:
+            raise KeyError(f"no protected objective named {name!r}; known: {sorted(self._objectives)}") from None
+
+    def _invalidate(self) -> None:
+        self._plan = None
+
+    def _closure_gradient(self, name: str, closure: Closure, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The protected loss's gradient at the current parameters, leaving ``.grad`` untouched."""
+        with torch.enable_grad():
+            loss = closure()
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"the closure of {name!r} must return a scalar loss tensor")
+        trainable = [i for i, p in enumerate(params) if p.requires_grad]
+        grads = torch.autograd.grad(loss, [params[i] for i in trainable], allow_unused=True)
+        sample: list[torch.Tensor | None] = [None] * len(params)
+        for i, g in zip(trainable, grads):
+            sample[i] = g
+        return sample
+
+    def _refresh_due_objectives(self, params: list[torch.Tensor]) -> None:
+        for name, obj in self._objectives.items():
+            every = obj.config.refresh_every
+            if every is None or self.gradsafe_steps - self._last_refresh[name] < every:
+                continue
+            if obj.closure is None:
+                if not obj.had_closure:
+                    continue  # sample-based memory: refresh_every has nothing to recompute
+                raise RuntimeError(
+                    f"objective {name!r} is due for a refresh but has no closure (closures are not "
+                    f"saved in state dicts): call opt.attach_closure({name!r}, fn) after loading"
+                )
+            sample = self._closure_gradient(name, obj.closure, params)
+            if any(sample[i] is None for i in obj.coverage):
+                sample = [
+                    (torch.zeros_like(params[i]) if (sample[i] is None and i in obj.coverage) else sample[i])
+                    for i in range(len(params))
+                ]
+            _, S = pack_samples([sample], params, name, coverage=obj.coverage)
+            obj.refresh(S)
+            self._last_refresh[name] = self.gradsafe_steps
+            self._invalidate()
+
+    # ------------------------------------------------------------------ the step
+    def _current_plan(self, params: list[torch.Tensor]) -> Plan:
+        objs = list(self._objectives.values())
+        plan = self._plan
+        if (
+            plan is None
+            or len(self._plan_params) != len(params)
+            or any(a is not b for a, b in zip(self._plan_params, params))
+            or plan.versions != tuple(o.version for o in objs)
+            or len(plan.blocks) != len(objs)
+        ):
+            for obj in objs:
+                for i, shape in zip(obj.coverage, obj.shapes):
+                    if i >= len(params) or params[i].shape != shape:
+                        got = "missing" if i >= len(params) else tuple(params[i].shape)
+                        raise ValueError(
+                            f"objective {obj.name!r} covers parameter {i} with shape {tuple(shape)}, "
+                            f"but the optimizer's parameter {i} is {got}"
+                        )
+            plan = build_plan(objs, params)
+            self._plan, self._plan_params = plan, list(params)
+        return plan
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Run ``closure`` (under grad) if given, then the surgery, then the base step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._objectives:
+            self.base_optimizer.step()
+            return loss
+        params = self._params()
+        self._refresh_due_objectives(params)
+        plan = self._current_plan(params)
+        covered = [params[i] for i in plan.param_indices]
+        if self.space == "grad":
+            tensors = []
+            for i, p in zip(plan.param_indices, covered):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                tensors.append(_check_grad(p.grad, i))
+            record = self._backend.run(plan, tensors)
+            self.base_optimizer.step()
+        else:
+            before = [p.detach().clone() for p in covered]
+            self.base_optimizer.step()
+            # the surgery acts on u = theta_before - theta_after, the "gradient-like" direction
+            updates = [b.to(torch.float32) - p.detach().to(torch.float32) for b, p in zip(before, covered)]
+            record = self._backend.run(plan, updates)
+            for p, b, u in zip(covered, before, updates):
+                p.copy_(b.to(torch.float32) - u)
+        self._last = (plan, record)
+        self._report_cache = None
+        self.gradsafe_steps += 1
+        return loss
+
+    @property
+    def report(self) -> dict[str, dict[str, float]]:
+        """Last real step, per objective: cosine, conflict, energy_in_subspace, energy_removed."""
+        if self._last is None:
+            return {}
+        if self._report_cache is None:
+            plan, record = self._last
+            self._report_cache = plan.rule.report(record.coefs, record.weights, plan.norms_offset)
+        return self._report_cache
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state = self.base_optimizer.state_dict()
+        state["gradsafe"] = {
+            "version": _STATE_VERSION,
+            "steps": self.gradsafe_steps,
+            "space": self.space,
+            "defaults": asdict(self.default_config),
+            "objectives": {name: obj.state_dict() for name, obj in self._objectives.items()},
+            "last_refresh": dict(self._last_refresh),
+        }
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state)
+            if result is not None:
+                state = result
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("gradsafe", None)
+        self.base_optimizer.load_state_dict(state_dict)
+        if saved is not None:
+            if saved.get("version") != _STATE_VERSION:
+                raise ValueError(f"unsupported gradsafe state version {saved.get('version')!r}")
+            params = self._params()
+            objectives = {}
+            for name, obj_state in saved["objectives"].items():
+                cov = obj_state["coverage"]
+                device = params[cov[0]].device if cov and cov[0] < len(params) else None
+                obj = ProtectedObjective.from_state_dict(name, obj_state, device=device)
+                if name in self._objectives and self._objectives[name].closure is not None:
+                    obj.closure = self._objectives[name].closure
+                objectives[name] = obj
+            self._objectives = objectives
+            self._last_refresh = {k: int(v) for k, v in saved["last_refresh"].items()}
+            self.gradsafe_steps = int(saved["steps"])
+            self.space = saved["space"]
+            self.default_config = ObjectiveConfig(**saved["defaults"])
+            self._last = None
+            self._report_cache = None
+            self._invalidate()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+
+def _check_grad(g: torch.Tensor, index: int) -> torch.Tensor:
+    if g.is_sparse or g.layout != torch.strided:
+        raise TypeError(f"parameter {index} has a sparse gradient; gradsafe supports dense gradients only")
+    if g.is_complex():
+        raise TypeError(f"parameter {index} has a complex gradient; gradsafe supports real gradients only")
+    return g
+

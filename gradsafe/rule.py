@@ -1,0 +1,257 @@
+"""The joint rule, solved on the host in float64 from one small vector of coefficients.
+
+Given the coefficients a backend measured (each block's ``rows @ h_t`` per covered tensor,
+and ``||h_t||^2``), the rule returns the weights ``w`` such that the surgery's result is
+``x_t = h_t + rows_t^T w_t`` (see docs/math.md):
+
+    basis columns A (project mode, penalty E = (1 - s) / s, 0 for a hard constraint),
+    reference columns R (conflict mode, constraints <x, r> >= 0);
+    mu  = K^+ (a + G_AR lam),            K = G_AA + E
+    lam = argmin_{lam >= 0} 1/2 lam^T H lam + q^T lam,
+          H = G_RR - G_RA K^+ G_AR,      q = b - G_RA K^+ a
+    x   = h - A^T mu + R^T lam.
+
+Columns are grouped into independent components (columns whose supports share no tensor
+never interact); components of the same shape are solved as one batch. Everything that
+does not depend on the gradient (Grams, pseudo-inverses, Schur complements) is computed
+once, when the plan is built.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .qp import solve_nonneg_qp_batch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .plan import Block
+
+__all__ = ["HostRule", "PINV_RTOL", "REPORT_KEYS"]
+
+# Directions whose independent part is below sqrt(1e-6) = 1e-3 of their norm are treated as
+# dependent: the coefficients come from fp32 passes, and resolving finer would amplify
+# their rounding.
+PINV_RTOL = 1e-6
+
+REPORT_KEYS = ("cosine", "conflict", "energy_in_subspace", "energy_removed")
+
+
+def _penalty(strength: float) -> float:
+    return (1.0 - strength) / strength
+
+
+@dataclass
+class _Segment:
+    """A contiguous run of rule columns: one block's basis or constraint rows."""
+
+    block: int
+    rows: list[int]
+    kind: str  # "A" (basis) or "R" (constraint)
+    z_offset: int
+    per_tensor: bool  # scope "tensor": one instance per covered tensor
+
+    def size(self, num_tensors: int) -> int:
+        return len(self.rows) * (num_tensors if self.per_tensor else 1)
+
+
+class HostRule:
+    """Precomputed structure of the joint rule for one plan."""
+
+    def __init__(self, blocks: list["Block"], touching: list[list[tuple[int, slice]]]) -> None:
+        self.blocks = blocks
+        num_pos = len(touching)
+
+        # ---- per-tensor Gram matrices of the rows of acting blocks (for the rule and the report)
+        self.local: list[dict[int, int]] = []  # per position: block index -> row offset in M_p
+        self.tensor_grams: list[np.ndarray] = []
+        self.local_index: dict[tuple[int, int], int] = {}  # (block, position) -> tensor's index in block
+        for bi, b in enumerate(blocks):
+            for t, p in enumerate(b.positions):
+                self.local_index[(bi, p)] = t
+        for p in range(num_pos):
+            parts, offsets, off = [], {}, 0
+            for bi, sl in touching[p]:
+                b = blocks[bi]
+                if not b.acts:
+                    continue
+                offsets[bi] = off
+                off += b.num_rows
+                parts.append(b.rows[:, sl].double())
+            self.local.append(offsets)
+            if parts:
+                M = torch.cat(parts)
+                self.tensor_grams.append((M @ M.T).cpu().numpy())
+            else:
+                self.tensor_grams.append(np.zeros((0, 0)))
+
+        # ---- rule columns
+        self.segments: list[_Segment] = []
+        z = 0
+        for bi, b in enumerate(blocks):
+            if not b.acts:
+                continue
+            per_tensor = b.scope == "tensor"
+            for kind, rows in (("A", b.basis_rows() if b.mode == "project" else []), ("R", b.constraint_rows())):
+                if rows:
+                    seg = _Segment(bi, rows, kind, z, per_tensor)
+                    self.segments.append(seg)
+                    z += seg.size(b.num_tensors)
+        self.num_columns = z
+
+        # column -> (kind, penalty, positions with their row offset in M_p)
+        col_kind = np.empty(z, dtype="<U1")
+        col_pen = np.zeros(z)
+        col_touch: list[list[tuple[int, int]]] = [[] for _ in range(z)]
+        for seg in self.segments:
+            b = blocks[seg.block]
+            pen = _penalty(b.objective.config.strength) if seg.kind == "A" else 0.0
+            instances = [[t] for t in range(b.num_tensors)] if seg.per_tensor else [list(range(b.num_tensors))]
+            c = seg.z_offset
+            for tensors in instances:
+                for r in seg.rows:
+                    col_kind[c] = seg.kind
+                    col_pen[c] = pen
+                    col_touch[c] = [(b.positions[t], self.local[b.positions[t]][seg.block] + r) for t in tensors]
+                    c += 1
+
+        # ---- independent components: union-find over tensor positions
+        parent = list(range(num_pos))
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for touches in col_touch:
+            for p, _ in touches[1:]:
+                parent[find(p)] = find(touches[0][0])
+        comp_cols: dict[int, list[int]] = defaultdict(list)
+        for c, touches in enumerate(col_touch):
+            comp_cols[find(touches[0][0])].append(c)
+
+        # ---- per component: Gram, pseudo-inverse, Schur complement; batched by shape
+        batches: dict[tuple[int, int], list[tuple]] = defaultdict(list)
+        for cols in comp_cols.values():
+            A = [c for c in cols if col_kind[c] == "A"]
+            R = [c for c in cols if col_kind[c] == "R"]
+            order = A + R
+            idx = {c: i for i, c in enumerate(order)}
+            G = np.zeros((len(order), len(order)))
+            by_pos: dict[int, list[tuple[int, int]]] = defaultdict(list)
+            for c in order:
+                for p, loc in col_touch[c]:
+                    by_pos[p].append((idx[c], loc))
+            for p, entries in by_pos.items():
+                ii = [i for i, _ in entries]
+                ll = [loc for _, loc in entries]
+                G[np.ix_(ii, ii)] += self.tensor_grams[p][np.ix_(ll, ll)]
+            nA = len(A)
+            K = G[:nA, :nA] + np.diag(col_pen[A])
+            K_pinv = np.linalg.pinv(K, rcond=PINV_RTOL, hermitian=True) if nA else np.zeros((0, 0))
+            G_AR = G[:nA, nA:]
+            P2 = K_pinv @ G_AR
+            H = G[nA:, nA:] - G_AR.T @ P2
+            scale = float(np.max(np.diag(G[nA:, nA:]))) if R else 1.0
+            batches[(nA, len(R))].append((A, R, K_pinv, P2, H, scale))
+        # one entry per shape: (idxA (B, nA), idxR (B, nR), K^+, P2, H, scale (B,))
+        self.batches = [
+            tuple(np.asarray([item[j] for item in items], dtype=np.int64 if j < 2 else np.float64) for j in range(6)) for items in batches.values()
+        ]
+        self.weight_numel = blocks[-1].coef_offset + blocks[-1].coef_numel if blocks else 0
+
+        # ---- report constants
+        self.mean_norm2 = []
+        self.constraint_gram_pinv = []
+        for b in blocks:
+            mean = b.rows[b.mean_row()].double()
+            self.mean_norm2.append(float(mean @ mean))
+            cons = b.constraint_rows()
+            if not cons:
+                self.constraint_gram_pinv.append(None)
+                continue
+            Rc = b.rows[cons].double()
+            if b.scope == "global":
+                g = (Rc @ Rc.T).cpu().numpy()
+                self.constraint_gram_pinv.append(np.linalg.pinv(g, rcond=PINV_RTOL, hermitian=True)[None])
+            else:
+                gs = [(Rc[:, sl] @ Rc[:, sl].T).cpu().numpy() for sl in b.slices]
+                self.constraint_gram_pinv.append(np.linalg.pinv(np.stack(gs), rcond=PINV_RTOL, hermitian=True))
+
+    # ------------------------------------------------------------------ per step
+    def _block_coefs(self, coefs: np.ndarray, bi: int) -> np.ndarray:
+        b = self.blocks[bi]
+        return coefs[b.coef_offset : b.coef_offset + b.coef_numel].reshape(b.num_tensors, b.num_rows)
+
+    def solve(self, coefs: np.ndarray) -> np.ndarray:
+        """Weights (flat, the blocks' (T_b, r_b) layout) from the measured coefficients."""
+        coefs = np.asarray(coefs, dtype=np.float64)
+        z = np.empty(self.num_columns)
+        for seg in self.segments:
+            C = self._block_coefs(coefs, seg.block)[:, seg.rows]
+            part = C.reshape(-1) if seg.per_tensor else C.sum(axis=0)
+            z[seg.z_offset : seg.z_offset + part.size] = part
+        w = np.zeros(self.num_columns)
+        for idxA, idxR, K_pinv, P2, H, scale in self.batches:
+            a = z[idxA]  # (B, nA)
+            b = z[idxR]  # (B, nR)
+            mu = np.einsum("bij,bj->bi", K_pinv, a)
+            if idxR.shape[1]:
+                q = b - np.einsum("bji,bj->bi", P2, a)
+                lam = solve_nonneg_qp_batch(H, q, scale)
+                mu = mu + np.einsum("bij,bj->bi", P2, lam)
+                w[idxR] = lam
+            w[idxA] = -mu
+        weights = np.zeros(self.weight_numel)
+        for seg in self.segments:
+            b = self.blocks[seg.block]
+            W = weights[b.coef_offset : b.coef_offset + b.coef_numel].reshape(b.num_tensors, b.num_rows)
+            part = w[seg.z_offset : seg.z_offset + seg.size(b.num_tensors)]
+            W[:, seg.rows] = part.reshape(b.num_tensors, len(seg.rows)) if seg.per_tensor else part[None, :]
+        return weights
+
+    def report(self, coefs: np.ndarray, weights: np.ndarray | None, norms_offset: int) -> dict[str, dict[str, float]]:
+        """Per objective: cosine, conflict, energy_in_subspace, energy_removed (see docs/api.md)."""
+        coefs = np.asarray(coefs, dtype=np.float64)
+        hh = coefs[norms_offset:]
+        removed = np.zeros(len(hh))
+        if weights is not None:
+            for p, gram in enumerate(self.tensor_grams):
+                if gram.shape[0] == 0:
+                    continue
+                w_p = np.empty(gram.shape[0])
+                for bi, off in self.local[p].items():
+                    b = self.blocks[bi]
+                    t = self.local_index[(bi, p)]
+                    w_p[off : off + b.num_rows] = weights[b.coef_offset + t * b.num_rows : b.coef_offset + (t + 1) * b.num_rows]
+                removed[p] = float(w_p @ gram @ w_p)
+        out: dict[str, dict[str, float]] = {}
+        for bi, b in enumerate(self.blocks):
+            C = self._block_coefs(coefs, bi)
+            hh_b = float(hh[b.positions].sum())
+            denom = max(hh_b, 1e-300)
+            dot = float(C[:, b.mean_row()].sum())
+            cosine = dot / max(np.sqrt(hh_b * self.mean_norm2[bi]), 1e-300)
+            if b.n_basis:
+                basis = C[:, : b.n_basis]
+                inside = float((basis**2).sum()) if b.scope == "tensor" else float((basis.sum(axis=0) ** 2).sum())
+            else:
+                cons = C[:, b.constraint_rows()]
+                pinv = self.constraint_gram_pinv[bi]
+                if b.scope == "global":
+                    v = cons.sum(axis=0)
+                    inside = float(v @ pinv[0] @ v)
+                else:
+                    inside = float(np.einsum("ti,tij,tj->", cons, pinv, cons))
+            out[b.objective.name] = {
+                "cosine": float(cosine),
+                "conflict": float(dot < 0.0),
+                "energy_in_subspace": min(inside / denom, 1.0) if hh_b > 0 else 0.0,
+                "energy_removed": float(removed[b.positions].sum()) / denom if hh_b > 0 else 0.0,
+            }
+        return out
