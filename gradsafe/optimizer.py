@@ -356,7 +356,8 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             return {}
         if self._report_cache is None:
             plan, record = self._last
-            self._report_cache = plan.rule.report(record.coefs, record.weights, plan.norms_offset)
+            coefs, weights = record.host()
+            self._report_cache = plan.rule.report(coefs, weights, plan.norms_offset)
         return self._report_cache
 
     # ------------------------------------------------------------------ state

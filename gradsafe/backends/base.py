@@ -13,12 +13,28 @@ from ..plan import Plan
 __all__ = ["Backend", "StepRecord"]
 
 
+def _host(x: np.ndarray | torch.Tensor | None) -> np.ndarray | None:
+    if x is None or isinstance(x, np.ndarray):
+        return x
+    return x.detach().to("cpu", torch.float64).numpy()
+
+
 @dataclass
 class StepRecord:
-    """What one step measured: the flat coefficients and the weights the rule chose (host)."""
+    """What one step measured, in the plan's flat layouts.
 
-    coefs: np.ndarray
-    weights: np.ndarray | None
+    ``coefs``: the coefficients (each block's ``rows @ h_t``, then ``||h_t||^2``);
+    ``weights``: what the rule chose (None when no objective acts). Either may be a host
+    array or a device tensor: a backend that never synchronises leaves tensors here, and
+    they are read on the host only when a report is asked for.
+    """
+
+    coefs: np.ndarray | torch.Tensor
+    weights: np.ndarray | torch.Tensor | None
+
+    def host(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Both as float64 host arrays (a device synchronisation if they are on a device)."""
+        return _host(self.coefs), _host(self.weights)
 
 
 class Backend(Protocol):

@@ -58,4 +58,4 @@ class TorchBackend:
 
         for t, w in writeback:
             t.copy_(w.view_as(t))
-        return StepRecord(coefs=host.astype(np.float64), weights=weights)
+        return StepRecord(coefs=host, weights=weights)
