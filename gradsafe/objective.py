@@ -203,6 +203,7 @@ class ProtectedObjective:
         self.energies: torch.Tensor | None = None
         self.mean_ref: torch.Tensor | None = None
         self.sample_refs: torch.Tensor | None = None
+        self._storage: torch.Tensor | None = None
         self.fisher: torch.Tensor | None = None
         self.num_samples = 0
         self.num_refreshes = 0
@@ -264,17 +265,33 @@ class ProtectedObjective:
 
         m = S.shape[0]
         if self.mean_ref is None or fresh:
-            self.mean_ref = S.mean(dim=0)
+            mean_ref = S.mean(dim=0)
             self.num_samples = m
         else:
             total = self.num_samples + m
-            self.mean_ref = self.mean_ref * (self.num_samples / total) + S.sum(dim=0) / total
+            mean_ref = self.mean_ref * (self.num_samples / total) + S.sum(dim=0) / total
             self.num_samples = total
+        sample_refs = None
         if cfg.references == "samples":
             prev = self.sample_refs if (self.sample_refs is not None and not fresh) else S.new_zeros(0, N)
-            self.sample_refs = torch.cat([prev, S])[-cfg.rank :].clone()
+            sample_refs = torch.cat([prev, S])[-cfg.rank :]
+        self._pack(self.basis, mean_ref, sample_refs)
         self.fisher = online_fisher(self.fisher, empirical_fisher(S), cfg.fisher_decay)
         self.version += 1
+
+    def _pack(self, basis: torch.Tensor, mean_ref: torch.Tensor, sample_refs: torch.Tensor | None) -> None:
+        """Store basis, mean reference and kept samples as row views of one (k + 1 + m, N) tensor.
+
+        The step reads contiguous row ranges of this storage (see ``direction_rows``), so
+        the plan never copies an objective's memory.
+        """
+        rows = [basis, mean_ref[None]] + ([sample_refs] if sample_refs is not None else [])
+        storage = torch.cat(rows).to(torch.float32).contiguous()
+        k = basis.shape[0]
+        self._storage = storage
+        self.basis = storage[:k]
+        self.mean_ref = storage[k]
+        self.sample_refs = storage[k + 1 :] if sample_refs is not None else None
 
     def add_samples(self, S: torch.Tensor) -> None:
         """Merge packed samples ``S`` (m, N) into the memory (basis union, running mean, online Fisher)."""
@@ -295,18 +312,18 @@ class ProtectedObjective:
 
     # ------------------------------------------------------------------ views used by the step
     def direction_rows(self) -> tuple[torch.Tensor, int, int, int]:
-        """The rows the step reads, and how they split: ``(D, n_basis, n_mean, n_refs)``.
+        """The rows the step reads (a view, no copy) and how they split: ``(D, n_basis, 1, n_refs)``.
 
         Rows are ordered basis, mean reference, kept samples. project / observe read the basis
         and the mean reference; conflict reads the mean reference (its constraint with
         references="mean") and, with references="samples", the kept samples (the constraints).
         """
         assert self.basis is not None and self.mean_ref is not None
+        k = self.basis.shape[0]
         if self.config.mode == "conflict":
-            if self.config.references == "samples":
-                return torch.cat([self.mean_ref[None], self.sample_refs]), 0, 1, self.sample_refs.shape[0]
-            return self.mean_ref[None], 0, 1, 0
-        return torch.cat([self.basis, self.mean_ref[None]]), self.basis.shape[0], 1, 0
+            m = self.sample_refs.shape[0] if self.config.references == "samples" else 0
+            return self._storage[k : k + 1 + m], 0, 1, m
+        return self._storage[: k + 1], k, 1, 0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -334,10 +351,8 @@ class ProtectedObjective:
                 return None
             return t.detach().to(device=device if device is not None else t.device, dtype=torch.float32).clone()
 
-        obj.basis = load(state["basis"])
+        obj._pack(load(state["basis"]), load(state["mean_ref"]), load(state["sample_refs"]))
         obj.energies = load(state["energies"])
-        obj.mean_ref = load(state["mean_ref"])
-        obj.sample_refs = load(state["sample_refs"])
         obj.fisher = load(state["fisher"])
         obj.num_samples = int(state["num_samples"])
         obj.num_refreshes = int(state["num_refreshes"])

@@ -61,6 +61,12 @@ class Block:
     def mode(self) -> str:
         return self.objective.config.mode
 
+    def apply_rows(self) -> slice:
+        """The contiguous rows that can get non-zero weights (the apply pass reads only these)."""
+        if self.mode == "conflict":
+            return slice(1, self.num_rows) if self.n_refs else slice(0, 1)
+        return slice(0, self.n_basis) if self.acts else slice(0, 0)
+
     def basis_rows(self) -> list[int]:
         return list(range(self.n_basis))
 
@@ -125,7 +131,7 @@ def build_plan(objectives: Sequence[ProtectedObjective], params: Sequence[torch.
         positions = [pos_of[i] for i in obj.coverage]
         block = Block(
             objective=obj,
-            rows=rows.contiguous(),
+            rows=rows,
             n_basis=n_basis,
             n_mean=n_mean,
             n_refs=n_refs,

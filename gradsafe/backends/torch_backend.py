@@ -53,8 +53,9 @@ class TorchBackend:
                 if not b.acts:
                     continue
                 Wb = W[b.coef_offset : b.coef_offset + b.coef_numel].view(b.num_tensors, b.num_rows)
+                live = b.apply_rows()
                 for t, (pos, sl) in enumerate(zip(b.positions, b.slices)):
-                    work[pos].addmv_(b.rows[:, sl].T, Wb[t])
+                    work[pos].addmv_(b.rows[live, sl].T, Wb[t, live])
 
         for t, w in writeback:
             t.copy_(w.view_as(t))

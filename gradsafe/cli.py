@@ -1,0 +1,30 @@
+"""The ``gradsafe`` command line: ``gradsafe demo``, ``gradsafe bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gradsafe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train a small model on two tasks; show how much of task A is kept")
+    from .experiments import demo as demo_mod
+
+    demo_mod.add_arguments(demo)
+    demo.set_defaults(run=demo_mod.run)
+
+    bench = sub.add_parser("bench", help="print a table of surgery step times, as ratios measured in one run")
+    from . import bench as bench_mod
+
+    bench_mod.add_arguments(bench)
+    bench.set_defaults(run=bench_mod.run)
+
+    args = parser.parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

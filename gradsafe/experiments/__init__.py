@@ -1,0 +1,1 @@
+"""Demonstrations and studies run by ``gradsafe demo``."""
