@@ -1,0 +1,49 @@
+"""pytest-benchmark suite: the torch backend against a naive loop and AdamW on CPU.
+
+Run with ``python -m pytest benchmarks -q`` (not part of the test suite). The problem is
+PERF.md's CPU setting scaled by ``GRADSAFE_BENCH_NUMEL`` (default 10M parameters in 50
+tensors, k = 8, fp32). Compare the medians in one run; ``gradsafe bench`` prints the same
+comparison as a table of ratios.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from gradsafe.backends import get_backend
+from gradsafe.bench import make_problem, naive_step
+
+NUMEL = int(os.environ.get("GRADSAFE_BENCH_NUMEL", 10_000_000))
+
+
+@pytest.fixture(scope="module", params=["global", "tensor"])
+def problem(request):
+    return make_problem(NUMEL, 50, 8, scope=request.param)
+
+
+def _set_grads(problem):
+    for p, g in zip(problem.params, problem.grad_sets[0]):
+        p.grad = g
+    return problem.grad_sets[0]
+
+
+def test_naive_loop(benchmark, problem):
+    bases = [problem.objective.basis[:, sl].T.contiguous() for sl in problem.objective.slices()]
+    grads = _set_grads(problem)
+    benchmark(naive_step, problem, bases, grads)
+
+
+def test_torch_backend(benchmark, problem):
+    backend = get_backend("torch")
+    grads = _set_grads(problem)
+    benchmark(backend.run, problem.plan, grads)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_adamw_step(benchmark, problem, fused):
+    _set_grads(problem)
+    opt = torch.optim.AdamW(problem.params, lr=1e-3, fused=fused)
+    benchmark(opt.step)
