@@ -280,12 +280,14 @@ class ProtectedOptimizer(torch.optim.Optimizer):
                     f"objective {name!r} is due for a refresh but has no closure (closures are not "
                     f"saved in state dicts): call opt.attach_closure({name!r}, fn) after loading"
                 )
-            sample = self._closure_gradient(name, obj.closure, params)
-            if any(sample[i] is None for i in obj.coverage):
-                sample = [
-                    (torch.zeros_like(params[i]) if (sample[i] is None and i in obj.coverage) else sample[i])
-                    for i in range(len(params))
-                ]
+            fresh = self._closure_gradient(name, obj.closure, params)
+            # the memory's layout is fixed at registration: keep covered entries (0 where the
+            # loss no longer reaches one), drop parameters the loss reaches only now
+            covered = set(obj.coverage)
+            sample = [
+                (fresh[i] if fresh[i] is not None else torch.zeros_like(params[i])) if i in covered else None
+                for i in range(len(params))
+            ]
             _, S = pack_samples([sample], params, name, coverage=obj.coverage)
             obj.refresh(S)
             self._last_refresh[name] = self.gradsafe_steps
