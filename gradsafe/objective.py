@@ -113,6 +113,7 @@ def pack_samples(
     params: Sequence[torch.Tensor],
     name: str,
     coverage: Sequence[int] | None = None,
+    allow_zero: bool = False,
 ) -> tuple[tuple[int, ...], torch.Tensor]:
     """Validate samples against the parameters and pack them into an ``(m, N)`` fp32 matrix.
 
@@ -164,7 +165,7 @@ def pack_samples(
     if not bool(torch.isfinite(S).all()):
         raise ValueError(f"protected gradients for objective {name!r} contain inf or nan")
     norms = S.norm(dim=1)
-    if bool((norms == 0).any()):
+    if not allow_zero and bool((norms == 0).any()):
         bad = int(torch.nonzero(norms == 0)[0])
         raise ValueError(f"sample {bad} of objective {name!r} has zero norm over the parameters it covers")
     return coverage, S

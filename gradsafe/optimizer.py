@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
@@ -288,9 +289,17 @@ class ProtectedOptimizer(torch.optim.Optimizer):
                 (fresh[i] if fresh[i] is not None else torch.zeros_like(params[i])) if i in covered else None
                 for i in range(len(params))
             ]
-            _, S = pack_samples([sample], params, name, coverage=obj.coverage)
-            obj.refresh(S)
+            _, S = pack_samples([sample], params, name, coverage=obj.coverage, allow_zero=True)
             self._last_refresh[name] = self.gradsafe_steps
+            if not bool(S.any()):
+                warnings.warn(
+                    f"the protected gradient of {name!r} is exactly zero at step {self.gradsafe_steps}; "
+                    "keeping the previous memory",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                continue
+            obj.refresh(S)
             self._invalidate()
 
     # ------------------------------------------------------------------ the step
