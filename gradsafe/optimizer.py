@@ -143,7 +143,9 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         return f"ProtectedOptimizer({self.base_optimizer.__class__.__name__}, space={self.space!r}, objectives=[{names}])"
 
     def __getstate__(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if k not in _HOOK_DICTS}
+        # "step" is the instance patch an LR scheduler installs; like torch's optimizers, a
+        # copy does not carry it (it would step the original through a weak reference)
+        state = {k: v for k, v in self.__dict__.items() if k not in _HOOK_DICTS and k != "step"}
         state["_plan"] = None
         state["_plan_params"] = []
         return state
@@ -303,15 +305,17 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             self._invalidate()
 
     # ------------------------------------------------------------------ the step
-    def _current_plan(self, params: list[torch.Tensor]) -> Plan:
+    def _current_plan(self, params: list[torch.Tensor], active: frozenset[int] | None = None) -> Plan:
         objs = list(self._objectives.values())
+        if active is None:
+            active = frozenset(range(len(params)))
         plan = self._plan
         if (
             plan is None
             or len(self._plan_params) != len(params)
             or any(a is not b for a, b in zip(self._plan_params, params))
             or plan.versions != tuple(o.version for o in objs)
-            or len(plan.blocks) != len(objs)
+            or plan.active != active
         ):
             for obj in objs:
                 for i, shape in zip(obj.coverage, obj.shapes):
@@ -321,7 +325,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
                             f"objective {obj.name!r} covers parameter {i} with shape {tuple(shape)}, "
                             f"but the optimizer's parameter {i} is {got}"
                         )
-            plan = build_plan(objs, params)
+            plan = build_plan(objs, params, active)
             self._plan, self._plan_params = plan, list(params)
         return plan
 
@@ -333,19 +337,21 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if not self._objectives:
+            self._last = None
+            self._report_cache = None
             self.base_optimizer.step()
             return loss
         params = self._params()
         self._refresh_due_objectives(params)
-        plan = self._current_plan(params)
+        # parameters without a gradient are not stepped by the base optimizer: leave them
+        # out of the surgery too (in both spaces)
+        active = frozenset(i for i, p in enumerate(params) if p.grad is not None)
+        plan = self._current_plan(params, active)
         covered = [params[i] for i in plan.param_indices]
+        for i, p in zip(plan.param_indices, covered):
+            _check_grad(p.grad, i)
         if self.space == "grad":
-            tensors = []
-            for i, p in zip(plan.param_indices, covered):
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                tensors.append(_check_grad(p.grad, i))
-            record = self._backend.run(plan, tensors)
+            record = self._backend.run(plan, [p.grad for p in covered])
             self.base_optimizer.step()
         else:
             before = [p.detach().clone() for p in covered]

@@ -16,7 +16,7 @@ Kernels know nothing of objectives: a backend reads only this.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +95,7 @@ class Plan:
     rule: HostRule
     device: torch.device
     versions: tuple[int, ...] = field(default_factory=tuple)
+    active: frozenset[int] = frozenset()
 
     @property
     def num_tensors(self) -> int:
@@ -114,9 +115,19 @@ def _normalized_fisher(obj: ProtectedObjective) -> torch.Tensor:
     return f / f.double().mean().clamp_min(1e-30).to(f.dtype)
 
 
-def build_plan(objectives: Sequence[ProtectedObjective], params: Sequence[torch.Tensor]) -> Plan:
-    """Compile the objectives against the current flat parameter list."""
-    covered = sorted({i for o in objectives for i in o.coverage})
+def build_plan(
+    objectives: Sequence[ProtectedObjective],
+    params: Sequence[torch.Tensor],
+    active: Collection[int] | None = None,
+) -> Plan:
+    """Compile the objectives against the current flat parameter list.
+
+    ``active``: the parameters that take part in this step (those with a gradient); the
+    others are left out of the problem, as the base optimizer leaves them out of its step.
+    An objective none of whose parameters is active gets no block.
+    """
+    active = set(range(len(params))) if active is None else set(active)
+    covered = sorted({i for o in objectives for i in o.coverage if i in active})
     pos_of = {i: p for p, i in enumerate(covered)}
     devices = {params[i].device for i in covered}
     if len(devices) > 1:
@@ -128,19 +139,21 @@ def build_plan(objectives: Sequence[ProtectedObjective], params: Sequence[torch.
     offset = 0
     for obj in objectives:
         rows, n_basis, n_mean, n_refs = obj.direction_rows()
-        positions = [pos_of[i] for i in obj.coverage]
+        kept = [(pos_of[i], sl) for i, sl in zip(obj.coverage, obj.slices()) if i in active]
+        if not kept:
+            continue
         block = Block(
             objective=obj,
             rows=rows,
             n_basis=n_basis,
             n_mean=n_mean,
             n_refs=n_refs,
-            positions=positions,
-            slices=obj.slices(),
+            positions=[p for p, _ in kept],
+            slices=[sl for _, sl in kept],
             coef_offset=offset,
             acts=obj.config.acts,
         )
-        for pos, sl in zip(positions, block.slices):
+        for pos, sl in zip(block.positions, block.slices):
             touching[pos].append((len(blocks), sl))
         offset += block.coef_numel
         blocks.append(block)
@@ -154,6 +167,8 @@ def build_plan(objectives: Sequence[ProtectedObjective], params: Sequence[torch.
             continue
         f_hat = _normalized_fisher(obj)
         for i, sl in zip(obj.coverage, obj.slices()):
+            if i not in active:
+                continue
             p = pos_of[i]
             part = lam * f_hat[sl]
             damp_excess[p] = part.clone() if damp_excess[p] is None else damp_excess[p] + part
@@ -170,4 +185,5 @@ def build_plan(objectives: Sequence[ProtectedObjective], params: Sequence[torch.
         rule=rule,
         device=device,
         versions=tuple(o.version for o in objectives),
+        active=frozenset(active),
     )

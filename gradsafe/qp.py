@@ -38,6 +38,8 @@ def solve_nonneg_qp(
         raise ValueError(f"H must be {m} x {m}, got {H.shape}")
     if m == 0:
         return np.zeros(0)
+    if not (np.isfinite(q).all() and np.isfinite(H).all()):
+        return np.full(m, np.nan)  # a non-finite gradient passes through as non-finite
     if scale is None:
         scale = float(np.max(np.abs(np.diag(H))))
     scale = max(scale, 1e-300)

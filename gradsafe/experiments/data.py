@@ -1,0 +1,102 @@
+"""Two-task problems built on scikit-learn's 8x8 digits (shipped with scikit-learn; nothing is downloaded).
+
+- ``"permuted"`` (domain-incremental): task A is the digits, task B the same digits with a
+  fixed random permutation of the 64 pixels; one shared 10-way head.
+- ``"split"`` (task-incremental): task A is digits 0-4, task B digits 5-9; one 5-way head
+  per task on a shared trunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["SPLIT_SEED", "PERMUTATION_SEED", "Task", "TwoTasks", "load_digits_tensors", "make_tasks", "batch_order"]
+
+SPLIT_SEED = 0  # the train/test split is the same for every run seed
+PERMUTATION_SEED = 1234  # task B's pixel permutation is the same for every run seed
+TEST_FRACTION = 0.3
+SETTINGS = ("permuted", "split")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: standardised inputs, labels in ``[0, classes)`` and the head that reads them."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    head: int
+    classes: int
+
+
+@dataclass(frozen=True)
+class TwoTasks:
+    setting: str
+    a: Task
+    b: Task
+    heads: int  # number of output heads the model needs
+    classes: int  # outputs per head
+
+
+def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 1797 digits, split (fixed seed, stratified) and standardised with train statistics."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = digits.data.astype(np.float32)
+    y = digits.target.astype(np.int64)
+    rng = np.random.default_rng(SPLIT_SEED)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        n_test = int(round(TEST_FRACTION * len(idx)))
+        test_idx.append(idx[:n_test])
+        train_idx.append(idx[n_test:])
+    train_idx = np.sort(np.concatenate(train_idx))
+    test_idx = np.sort(np.concatenate(test_idx))
+    mean = x[train_idx].mean(axis=0)
+    std = x[train_idx].std(axis=0)
+    std[std < 1e-6] = 1.0  # a few border pixels are always 0
+    x = (x - mean) / std
+    return (
+        torch.from_numpy(x[train_idx]),
+        torch.from_numpy(y[train_idx]),
+        torch.from_numpy(x[test_idx]),
+        torch.from_numpy(y[test_idx]),
+    )
+
+
+def make_tasks(setting: str = "permuted") -> TwoTasks:
+    """Build task A and task B for ``setting`` ("permuted" or "split")."""
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}; expected one of {SETTINGS}")
+    xtr, ytr, xte, yte = load_digits_tensors()
+    if setting == "permuted":
+        perm = torch.from_numpy(np.random.default_rng(PERMUTATION_SEED).permutation(xtr.shape[1]))
+        a = Task("digits", xtr, ytr, xte, yte, head=0, classes=10)
+        b = Task("permuted digits", xtr[:, perm], ytr, xte[:, perm], yte, head=0, classes=10)
+        return TwoTasks(setting, a, b, heads=1, classes=10)
+    lo_tr, lo_te = ytr < 5, yte < 5
+    a = Task("digits 0-4", xtr[lo_tr], ytr[lo_tr], xte[lo_te], yte[lo_te], head=0, classes=5)
+    b = Task("digits 5-9", xtr[~lo_tr], ytr[~lo_tr] - 5, xte[~lo_te], yte[~lo_te] - 5, head=1, classes=5)
+    return TwoTasks(setting, a, b, heads=2, classes=5)
+
+
+def batch_order(n: int, batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """``steps`` index batches: shuffled epochs over ``n`` examples, drawn from ``generator``."""
+    out: list[torch.Tensor] = []
+    perm = torch.randperm(n, generator=generator)
+    pos = 0
+    while len(out) < steps:
+        if pos + batch_size > n:
+            perm = torch.randperm(n, generator=generator)
+            pos = 0
+        out.append(perm[pos : pos + batch_size])
+        pos += batch_size
+    return out
