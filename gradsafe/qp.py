@@ -14,22 +14,25 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["solve_nonneg_qp", "solve_nonneg_qp_batch"]
+__all__ = ["solve_nonneg_qp", "solve_nonneg_qp_batch", "DEGENERATE"]
 
-# Relative ridge added to H. A reference that lies (up to rounding) inside the hard-projected
-# subspace leaves H ~ 1e-16 * |r|^2 and q ~ rounding noise; without the ridge their ratio is
-# arbitrary. With it such a multiplier stays ~1e-6 |g|/|r| and moves the result by ~1e-14,
-# while a genuine constraint's multiplier changes by ~1e-10 relative: far below fp32.
-_RIDGE = 1e-10
+# A reference whose diagonal of H fell below this fraction of its squared norm before
+# projection lies (up to float rounding) inside the hard-projected subspace: the projection
+# already satisfies its constraint to rounding, and its q is rounding noise, so its
+# multiplier is fixed at 0 instead of being the ratio of two noises.
+DEGENERATE = 1e-10
+# Eigenvalues of H below this fraction of the largest span its (numerical) null space.
+_NULL = 1e-12
 
 
 def solve_nonneg_qp(
-    H: np.ndarray, q: np.ndarray, scale: float | None = None, max_iter: int | None = None
+    H: np.ndarray, q: np.ndarray, ref_norms2: np.ndarray | None = None, max_iter: int | None = None
 ) -> np.ndarray:
     """Return ``argmin_{lam >= 0} 1/2 lam^T H lam + q^T lam`` for a PSD ``H`` (m x m).
 
-    ``scale`` is the size of the references before any projection (the largest diagonal
-    entry of their Gram matrix); it sets the ridge. It defaults to the largest diagonal of H.
+    ``ref_norms2``: each reference's squared norm before any projection (the diagonal of its
+    Gram matrix); a reference whose diagonal of H is below ``DEGENERATE`` times it gets a
+    zero multiplier. Defaults to the largest diagonal of H for every reference.
     """
     H = np.asarray(H, dtype=np.float64)
     q = np.asarray(q, dtype=np.float64).reshape(-1)
@@ -40,15 +43,30 @@ def solve_nonneg_qp(
         return np.zeros(0)
     if not (np.isfinite(q).all() and np.isfinite(H).all()):
         return np.full(m, np.nan)  # a non-finite gradient passes through as non-finite
-    if scale is None:
-        scale = float(np.max(np.abs(np.diag(H))))
-    scale = max(scale, 1e-300)
-    H = H + _RIDGE * scale * np.eye(m)
+    diag = np.diag(H)
+    if ref_norms2 is None:
+        ref_norms2 = np.full(m, float(np.max(np.abs(diag))))
+    ref_norms2 = np.asarray(ref_norms2, dtype=np.float64).reshape(-1)
+    live = diag > DEGENERATE * np.maximum(ref_norms2, 1e-300)
+    lam = np.zeros(m)
+    if not live.any():
+        return lam
+    if not live.all():
+        idx = np.flatnonzero(live)
+        lam[idx] = solve_nonneg_qp(H[np.ix_(idx, idx)], q[idx], ref_norms2[idx], max_iter)
+        return lam
     if m == 1:
         return np.maximum(-q, 0.0) / H[0, 0]
 
-    tol = 1e-12 * max(scale, float(np.max(np.abs(q))), 1e-300)
-    lam = np.zeros(m)
+    # In exact arithmetic q = R h lies in the range of H = R R^T, so the problem is bounded.
+    # Coefficients measured in float32 leave a little of q in the null space of a singular H
+    # (dependent references), along which the objective would fall without bound: remove it.
+    evals, evecs = np.linalg.eigh(H)
+    null = evecs[:, evals <= _NULL * max(float(evals[-1]), 1e-300)]
+    if null.shape[1]:
+        q = q - null @ (null.T @ q)
+
+    tol = 1e-13 * max(float(np.max(np.diag(H))), float(np.max(np.abs(q))), 1e-300)
     free = np.zeros(m, dtype=bool)
     max_iter = max_iter if max_iter is not None else 3 * m + 10
     for _ in range(max_iter):
@@ -61,29 +79,33 @@ def solve_nonneg_qp(
         for _ in range(max_iter):
             z = np.zeros(m)
             idx = np.flatnonzero(free)
-            z[idx] = np.linalg.solve(H[np.ix_(idx, idx)], -q[idx])
+            # lstsq, not solve: dependent references make the free block singular
+            z[idx] = np.linalg.lstsq(H[np.ix_(idx, idx)], -q[idx], rcond=None)[0]
             if np.all(z[idx] > 0):
                 lam = z
                 break
             bad = idx[z[idx] <= 0]
             step = np.min(lam[bad] / np.maximum(lam[bad] - z[bad], 1e-300))
             lam = lam + step * (z - lam)
-            free &= lam > tol
+            free &= lam > 0
             lam[~free] = 0.0
     return np.maximum(lam, 0.0)
 
 
-def solve_nonneg_qp_batch(H: np.ndarray, q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Solve a batch: ``H`` (B, m, m), ``q`` (B, m), ``scale`` (B,); closed form for m == 1."""
+def solve_nonneg_qp_batch(H: np.ndarray, q: np.ndarray, ref_norms2: np.ndarray) -> np.ndarray:
+    """Solve a batch: ``H`` (B, m, m), ``q`` (B, m), ``ref_norms2`` (B, m); closed form for m == 1."""
     H = np.asarray(H, dtype=np.float64)
     q = np.asarray(q, dtype=np.float64)
     if q.ndim != 2 or H.shape != q.shape + (q.shape[1],):
         raise ValueError(f"expected H (B, m, m) and q (B, m), got {H.shape} and {q.shape}")
-    scale = np.maximum(np.asarray(scale, dtype=np.float64).reshape(-1), 1e-300)
+    ref_norms2 = np.asarray(ref_norms2, dtype=np.float64).reshape(q.shape)
     if q.shape[1] == 1:
-        h = H[:, 0, 0] + _RIDGE * scale
-        return (np.maximum(-q[:, 0], 0.0) / h)[:, None]
+        h = H[:, 0, 0]
+        live = h > DEGENERATE * np.maximum(ref_norms2[:, 0], 1e-300)
+        lam = np.where(live, np.maximum(-q[:, 0], 0.0) / np.where(live, h, 1.0), 0.0)
+        lam = np.where(np.isfinite(q[:, 0]) & np.isfinite(h), lam, np.nan)
+        return lam[:, None]
     out = np.zeros_like(q)
     for b in range(q.shape[0]):
-        out[b] = solve_nonneg_qp(H[b], q[b], scale=float(scale[b]))
+        out[b] = solve_nonneg_qp(H[b], q[b], ref_norms2[b])
     return out

@@ -157,9 +157,9 @@ class HostRule:
             G_AR = G[:nA, nA:]
             P2 = K_pinv @ G_AR
             H = G[nA:, nA:] - G_AR.T @ P2
-            scale = float(np.max(np.diag(G[nA:, nA:]))) if R else 1.0
-            batches[(nA, len(R))].append((A, R, K_pinv, P2, H, scale))
-        # one entry per shape: (idxA (B, nA), idxR (B, nR), K^+, P2, H, scale (B,))
+            ref_norms2 = np.diag(G[nA:, nA:]).copy()
+            batches[(nA, len(R))].append((A, R, K_pinv, P2, H, ref_norms2))
+        # one entry per shape: (idxA (B, nA), idxR (B, nR), K^+, P2, H, ref_norms2 (B, nR))
         self.batches = [
             tuple(np.asarray([item[j] for item in items], dtype=np.int64 if j < 2 else np.float64) for j in range(6)) for items in batches.values()
         ]
@@ -197,13 +197,13 @@ class HostRule:
             part = C.reshape(-1) if seg.per_tensor else C.sum(axis=0)
             z[seg.z_offset : seg.z_offset + part.size] = part
         w = np.zeros(self.num_columns)
-        for idxA, idxR, K_pinv, P2, H, scale in self.batches:
+        for idxA, idxR, K_pinv, P2, H, ref_norms2 in self.batches:
             a = z[idxA]  # (B, nA)
             b = z[idxR]  # (B, nR)
             mu = np.einsum("bij,bj->bi", K_pinv, a)
             if idxR.shape[1]:
                 q = b - np.einsum("bji,bj->bi", P2, a)
-                lam = solve_nonneg_qp_batch(H, q, scale)
+                lam = solve_nonneg_qp_batch(H, q, ref_norms2)
                 mu = mu + np.einsum("bij,bj->bi", P2, lam)
                 w[idxR] = lam
             w[idxA] = -mu

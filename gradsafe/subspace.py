@@ -59,12 +59,16 @@ def cgs2(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return Q, C_U, C_Q
 
 
-def _truncate(sigma: torch.Tensor, rank: int, energy: float) -> int:
-    """How many leading directions to keep: at most ``rank``, the fewest that capture ``energy``."""
+def _truncate(sigma: torch.Tensor, rank: int, energy: float, total: float | None = None) -> int:
+    """How many leading directions to keep: at most ``rank``, the fewest that capture ``energy``.
+
+    ``total``: the squared Frobenius norm the energy is a share of (default: the sum of
+    ``sigma^2``, exact when ``sigma`` holds every singular value).
+    """
     if sigma.numel() == 0:
         return 0
     s2 = sigma.double() ** 2
-    total = float(s2.sum())
+    total = float(s2.sum()) if total is None else total
     if total <= 0.0:
         return 0
     nonzero = int((sigma > _REL_ZERO * sigma[0]).sum())
@@ -100,7 +104,8 @@ def merge_basis(
         M = torch.cat([sigma[:, None].to(U.dtype) * U, samples]) if k else samples
         q = min(rank + _OVERSAMPLE, min(M.shape))
         left, s, right = torch.svd_lowrank(M.T, q=q, niter=4)
-        r = _truncate(s, rank, energy)
+        # the sketch holds only the leading singular values: measure energy against |M|_F^2
+        r = _truncate(s, rank, energy, total=float(M.double().pow(2).sum()))
         # re-orthonormalise: svd_lowrank's columns are orthonormal only to its QR's accuracy
         basis, _, _ = cgs2(U.new_zeros(0, U.shape[1]), left[:, :r].T.contiguous())
         return basis, s[:r].to(torch.float32)

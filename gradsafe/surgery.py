@@ -106,6 +106,9 @@ def joint_surgery(
     orthonormal rows; bases of different objectives may overlap. With no references this is
     the projection off the union of the bases; with no bases it is ``conflict_project``.
     """
+    for _, s in bases:
+        if not 0.0 <= s <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {s}")
     h = g.double()
     if fisher is not None and lam != 0.0:
         h = damp(h, fisher, lam).double()
@@ -130,9 +133,8 @@ def joint_surgery(
     P2 = K_pinv @ G_AR
     H = G_RR - G_AR.T @ P2
     q = b - P2.T @ a
-    scale = float(G_RR.diagonal().max()) if R.shape[0] else 1.0
     lam_r = torch.as_tensor(
-        solve_nonneg_qp(H.cpu().numpy(), q.cpu().numpy(), scale=scale),
+        solve_nonneg_qp(H.cpu().numpy(), q.cpu().numpy(), G_RR.diagonal().cpu().numpy()),
         dtype=torch.float64,
         device=h.device,
     )

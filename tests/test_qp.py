@@ -135,14 +135,15 @@ def test_batch_equals_single(seed, m, batch):
         H, q, _ = make_problem(rng, m, kind)
         Hs.append(H)
         qs.append(q)
-        scales.append(float(np.max(np.diag(H))) * rng.uniform(1.0, 3.0))
-    H, q, scale = np.stack(Hs), np.stack(qs), np.array(scales)
-    out = solve_nonneg_qp_batch(H, q, scale)
+        # squared norms of the references before projection: at least the diagonal of H
+        scales.append(np.diag(H) * rng.uniform(1.0, 3.0, size=m))
+    H, q, norms2 = np.stack(Hs), np.stack(qs), np.stack(scales)
+    out = solve_nonneg_qp_batch(H, q, norms2)
     assert out.shape == (batch, m)
     for b in range(batch):
-        single = solve_nonneg_qp(H[b], q[b], scale=scale[b])
+        single = solve_nonneg_qp(H[b], q[b], norms2[b])
         np.testing.assert_allclose(out[b], single, rtol=1e-12, atol=1e-300)
-        check_kkt(H[b], q[b], out[b], scale[b])
+        check_kkt(H[b], q[b], out[b], float(np.max(np.diag(H[b]))))
 
 
 @pytest.mark.parametrize(
@@ -161,3 +162,24 @@ def test_bad_shapes_single(H_shape, q_shape):
 def test_bad_shapes_batch(H_shape, q_shape):
     with pytest.raises(ValueError):
         solve_nonneg_qp_batch(np.zeros(H_shape), np.zeros(q_shape), np.ones(H_shape[0]))
+
+
+def test_dependent_references_with_float32_noise_stay_feasible():
+    """More references than dimensions (a small tensor in tensor scope) and q measured in fp32.
+
+    H = R R^T is singular; q carries rounding outside its range. The solver must still
+    return the closest feasible point, not run along the null space.
+    """
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n, m = 3, 4 + trial % 3
+        R = rng.standard_normal((m, n))
+        h = rng.standard_normal(n)
+        H = R @ R.T
+        q_exact = R @ h
+        q_noisy = (R.astype(np.float32) @ h.astype(np.float32)).astype(np.float64)
+        lam = solve_nonneg_qp(H, q_noisy, np.diag(H))
+        x = h + R.T @ lam
+        x_exact = h + R.T @ solve_nonneg_qp(H, q_exact, np.diag(H))
+        assert np.all(R @ x >= -1e-5 * np.linalg.norm(h) * np.linalg.norm(R, axis=1))
+        np.testing.assert_allclose(x, x_exact, atol=1e-5 * np.linalg.norm(h))
