@@ -96,6 +96,7 @@ class Plan:
     device: torch.device
     versions: tuple[int, ...] = field(default_factory=tuple)
     active: frozenset[int] = frozenset()
+    cache: dict = field(default_factory=dict)  # backends keep per-plan views and uploads here
 
     @property
     def num_tensors(self) -> int:

@@ -9,6 +9,8 @@ in a float32 copy that is written back.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -18,10 +20,36 @@ from .base import StepRecord
 __all__ = ["TorchBackend"]
 
 
+@dataclass
+class _Views:
+    """Per-plan views, built once: (tensor position, rows, where its numbers go) per pass."""
+
+    coef: list[tuple[int, torch.Tensor, int]]
+    apply: list[tuple[int, torch.Tensor, slice]]
+
+
+def _views(plan: Plan) -> _Views:
+    cached = plan.cache.get("torch")
+    if cached is None:
+        coef, apply = [], []
+        for b in plan.blocks:
+            live = b.apply_rows()
+            for t, (pos, sl) in enumerate(zip(b.positions, b.slices)):
+                coef.append((pos, b.rows[:, sl], b.coef_offset + t * b.num_rows))
+                if b.acts and live.stop > live.start:
+                    offset = b.coef_offset + t * b.num_rows
+                    apply.append((pos, b.rows[live, sl].T, slice(offset + live.start, offset + live.stop)))
+        # The apply pass runs in reverse: the rows read last by the coefficient pass are the
+        # likeliest still to be in cache.
+        cached = plan.cache["torch"] = _Views(coef, apply[::-1])
+    return cached
+
+
 class TorchBackend:
     name = "torch"
 
     def run(self, plan: Plan, tensors: list[torch.Tensor]) -> StepRecord:
+        views = _views(plan)
         work: list[torch.Tensor] = []
         writeback: list[tuple[torch.Tensor, torch.Tensor]] = []
         for t in tensors:
@@ -37,25 +65,18 @@ class TorchBackend:
             torch._foreach_mul_([work[i] for i in damped], [plan.damp_factors[i] for i in damped])
 
         coefs = torch.empty(plan.coef_numel, dtype=torch.float32, device=plan.device)
-        for b in plan.blocks:
-            C = coefs[b.coef_offset : b.coef_offset + b.coef_numel].view(b.num_tensors, b.num_rows)
-            for t, (pos, sl) in enumerate(zip(b.positions, b.slices)):
-                torch.mv(b.rows[:, sl], work[pos], out=C[t])
+        for pos, rows, offset in views.coef:
+            torch.mv(rows, work[pos], out=coefs[offset : offset + rows.shape[0]])
         norms = torch._foreach_norm(work)
         torch.stack(norms, out=coefs[plan.norms_offset :]).square_()
         host = coefs.cpu().numpy()  # the step's one device-to-host transfer
 
         weights = None
-        if any(b.acts for b in plan.blocks):
+        if views.apply:
             weights = plan.rule.solve(host)
             W = torch.from_numpy(weights.astype(np.float32)).to(plan.device)
-            for b in plan.blocks:
-                if not b.acts:
-                    continue
-                Wb = W[b.coef_offset : b.coef_offset + b.coef_numel].view(b.num_tensors, b.num_rows)
-                live = b.apply_rows()
-                for t, (pos, sl) in enumerate(zip(b.positions, b.slices)):
-                    work[pos].addmv_(b.rows[live, sl].T, Wb[t, live])
+            for pos, rows_t, live in views.apply:
+                work[pos].addmv_(rows_t, W[live])
 
         for t, w in writeback:
             t.copy_(w.view_as(t))

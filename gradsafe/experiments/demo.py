@@ -36,7 +36,7 @@ from .data import Task, TwoTasks, batch_order, make_tasks
 
 __all__ = ["METHODS", "MLP", "add_arguments", "run", "run_demo", "format_result"]
 
-METHODS = ("plain", "project", "conflict", "damping")
+METHODS = ("plain", "project", "conflict", "damping", "agem", "conflict_samples")
 
 # Defaults of the full run and of --quick.
 FULL = dict(steps_a=600, steps_b=600)
@@ -152,6 +152,7 @@ def run_demo(
 
     # The protected data budget: one gradient sample per task-A batch, at the end of A.
     samples = collect_gradients(model, lambda idx: _loss(model, a, idx), budget_batches)
+    memory = torch.cat(budget_batches)
 
     results: dict[str, dict[str, Any]] = {}
     for method in methods:
@@ -167,12 +168,18 @@ def run_demo(
             # collect_gradients returns samples aligned with model.parameters(), which is the
             # order of the copy's parameters and of the optimizer built from them.
             if method == "project":
-                kw: dict[str, Any] = dict(mode="project", rank=rank, scope=scope)
+                opt = ProtectedOptimizer(base, {"task A": samples}, mode="project", rank=rank, scope=scope)
             elif method == "conflict":
-                kw = dict(mode="conflict", rank=rank, scope=scope)
+                opt = ProtectedOptimizer(base, {"task A": samples}, mode="conflict", rank=rank, scope=scope)
+            elif method == "conflict_samples":
+                opt = ProtectedOptimizer(base, {"task A": samples}, mode="conflict", rank=rank, references="samples")
+            elif method == "agem":
+                opt = ProtectedOptimizer(base, mode="conflict")
+                opt.protect("task A", closure=lambda m=m: _loss(m, a, memory), refresh_every=1)
+            elif method == "project_refresh":
+                opt = ProtectedOptimizer(base, {"task A": samples}, mode="project", rank=rank, scope=scope)
             else:
-                kw = dict(mode="observe", rank=rank, damping=damping)
-            opt = ProtectedOptimizer(base, {"task A": samples}, **kw)
+                opt = ProtectedOptimizer(base, {"task A": samples}, mode="observe", rank=rank, damping=damping)
 
             def on_step(o: ProtectedOptimizer) -> None:
                 reports.append(dict(o.report["task A"]))
