@@ -350,6 +350,10 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         covered = [params[i] for i in plan.param_indices]
         for i, p in zip(plan.param_indices, covered):
             _check_grad(p.grad, i)
+            if self.space == "grad" and _has_broadcast_strides(p.grad):
+                # an expanded gradient (set by hand; autograd never makes one) cannot be
+                # changed in place: give the parameter its own copy first
+                p.grad = p.grad.contiguous()
         if self.space == "grad":
             record = self._backend.run(plan, [p.grad for p in covered])
             self.base_optimizer.step()
@@ -435,3 +439,6 @@ def _check_grad(g: torch.Tensor, index: int) -> torch.Tensor:
         raise TypeError(f"parameter {index} has a complex gradient; gradsafe supports real gradients only")
     return g
 
+
+def _has_broadcast_strides(g: torch.Tensor) -> bool:
+    return any(stride == 0 and size > 1 for stride, size in zip(g.stride(), g.shape))
