@@ -1,8 +1,18 @@
 """gradsafe: protect what a model already knows while it trains on something new."""
 
 from .collect import collect_gradients
+from .monitor import GradientMonitor, JsonlSink, LoggingSink, TensorBoardSink
 from .objective import ObjectiveConfig, ProtectedObjective
 from .optimizer import ProtectedOptimizer
 
-__all__ = ["ProtectedOptimizer", "ProtectedObjective", "ObjectiveConfig", "collect_gradients"]
+__all__ = [
+    "ProtectedOptimizer",
+    "ProtectedObjective",
+    "ObjectiveConfig",
+    "collect_gradients",
+    "GradientMonitor",
+    "JsonlSink",
+    "TensorBoardSink",
+    "LoggingSink",
+]
 __version__ = "0.1.0"

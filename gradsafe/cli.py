@@ -1,4 +1,4 @@
-"""The ``gradsafe`` command line: ``gradsafe demo``, ``gradsafe bench``."""
+"""The ``gradsafe`` command line: ``gradsafe demo``, ``gradsafe bench``, ``gradsafe plot``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
 
     bench_mod.add_arguments(bench)
     bench.set_defaults(run=bench_mod.run)
+
+    plot = sub.add_parser("plot", help="draw the monitor's curves from a JSONL run into a PNG")
+    from . import plot as plot_mod
+
+    plot_mod.add_arguments(plot)
+    plot.set_defaults(run=plot_mod.run)
 
     args = parser.parse_args(argv)
     return int(args.run(args) or 0)

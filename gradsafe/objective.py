@@ -39,7 +39,7 @@ class ObjectiveConfig:
     strength: float = 1.0
     damping: float = 0.0
     references: str = "mean"
-    refresh_every: int | None = None
+    refresh_every: int | str | None = None
     energy: float = 1.0
     fisher_decay: float = 0.5
 
@@ -60,9 +60,9 @@ class ObjectiveConfig:
             raise ValueError("strength applies to mode='project' only; conflict constraints are exact")
         if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping >= 0):
             raise ValueError(f"damping must be a finite number >= 0, got {self.damping!r}")
-        if self.refresh_every is not None:
+        if self.refresh_every is not None and self.refresh_every != "auto":
             if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int):
-                raise TypeError(f"refresh_every must be an int or None, got {self.refresh_every!r}")
+                raise TypeError(f"refresh_every must be an int, 'auto' or None, got {self.refresh_every!r}")
             if self.refresh_every < 1:
                 raise ValueError(f"refresh_every must be >= 1, got {self.refresh_every}")
         if not 0.0 < self.energy <= 1.0:
@@ -210,6 +210,13 @@ class ProtectedObjective:
         self.num_refreshes = 0
         self.had_closure = closure is not None
         self.version = 0
+        # refresh bookkeeping (closure objectives): when, the protected loss then, the
+        # first-order change predicted since, and the last measured staleness
+        self.last_refresh_step = 0
+        self.last_check_step = 0
+        self.loss_at_refresh: float | None = None
+        self.predicted_since_refresh = 0.0
+        self.staleness: float | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -341,6 +348,11 @@ class ProtectedObjective:
             "num_samples": self.num_samples,
             "num_refreshes": self.num_refreshes,
             "had_closure": self.closure is not None,
+            "last_refresh_step": self.last_refresh_step,
+            "last_check_step": self.last_check_step,
+            "loss_at_refresh": self.loss_at_refresh,
+            "predicted_since_refresh": self.predicted_since_refresh,
+            "staleness": self.staleness,
         }
 
     @classmethod
@@ -358,5 +370,10 @@ class ProtectedObjective:
         obj.num_samples = int(state["num_samples"])
         obj.num_refreshes = int(state["num_refreshes"])
         obj.had_closure = bool(state["had_closure"])
+        obj.last_refresh_step = int(state["last_refresh_step"])
+        obj.last_check_step = int(state["last_check_step"])
+        obj.loss_at_refresh = state["loss_at_refresh"]
+        obj.predicted_since_refresh = float(state["predicted_since_refresh"])
+        obj.staleness = state["staleness"]
         obj.version = 1
         return obj

@@ -6,14 +6,19 @@ import types
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from .backends import Backend, StepRecord, get_backend
 from .objective import ObjectiveConfig, ProtectedObjective, normalize_samples, pack_samples
 from .plan import Plan, build_plan
+from .refresh import STALE, closure_gradient, closure_loss, is_due, staleness
+from .report import step_report
+
+Sink = Callable[[int, dict[str, float]], None]
 
 __all__ = ["ProtectedOptimizer", "SPACES"]
 
@@ -45,6 +50,11 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         space: "grad" (change ``p.grad`` before the base step) or "update" (let the base step
             run, then change the parameter update it made).
         backend: "torch", or None for the ``GRADSAFE_BACKEND`` environment variable / auto.
+        per_tensor: also report cosine, energy removed and predicted change per parameter.
+        fisher_metrics: also report ``fisher_step = sum F (delta theta)^2`` per objective (an
+            extra pass over the covered gradients).
+        auto_check_every: with ``refresh_every="auto"``, measure the protected loss every
+            this many steps and refresh when its change left the first-order prediction.
     """
 
     def __init__(
@@ -57,12 +67,15 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         scope: str = "global",
         space: str = "grad",
         damping: float = 0.0,
-        refresh_every: int | None = None,
+        refresh_every: int | str | None = None,
         backend: str | None = None,
         strength: float = 1.0,
         references: str = "mean",
         energy: float = 1.0,
         fisher_decay: float = 0.5,
+        per_tensor: bool = False,
+        fisher_metrics: bool = False,
+        auto_check_every: int = 10,
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
@@ -70,8 +83,13 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             raise TypeError("base_optimizer is already a ProtectedOptimizer; wrap the base optimizer once")
         if space not in SPACES:
             raise ValueError(f"unknown space {space!r}; expected one of {SPACES}")
+        if isinstance(auto_check_every, bool) or not isinstance(auto_check_every, int) or auto_check_every < 1:
+            raise ValueError(f"auto_check_every must be an int >= 1, got {auto_check_every!r}")
         self.base_optimizer = base_optimizer
         self.space = space
+        self.per_tensor = bool(per_tensor)
+        self.fisher_metrics = bool(fisher_metrics)
+        self.auto_check_every = auto_check_every
         self.default_config = ObjectiveConfig(
             mode=mode,
             rank=rank,
@@ -86,11 +104,11 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         self.backend_name = backend
         self._backend: Backend = get_backend(backend)
         self._objectives: dict[str, ProtectedObjective] = {}
-        self._last_refresh: dict[str, int] = {}
         self._plan: Plan | None = None
         self._plan_params: list[torch.Tensor] = []
-        self._last: tuple[Plan, StepRecord] | None = None
+        self._last: _LastStep | None = None
         self._report_cache: dict[str, dict[str, float]] | None = None
+        self._sinks: list[tuple[Sink, int]] = []
         self.gradsafe_steps = 0
         # What Optimizer.__init__ would set up, without touching the base's param_groups.
         for attr in _HOOK_DICTS:
@@ -174,7 +192,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         strength: float | None = None,
         damping: float | None = None,
         references: str | None = None,
-        refresh_every: int | None = None,
+        refresh_every: int | str | None = None,
         energy: float | None = None,
         fisher_decay: float | None = None,
     ) -> ProtectedObjective:
@@ -182,8 +200,8 @@ class ProtectedOptimizer(torch.optim.Optimizer):
 
         ``grads``: one sample (tensors aligned with the parameters, None where not covered)
         or a sequence of samples. ``closure``: returns the protected loss; its gradient is
-        computed now, and again every ``refresh_every`` steps if given. Unset options take
-        the wrapper's defaults.
+        computed now, and again every ``refresh_every`` steps if given (``"auto"``: when the
+        loss leaves the first-order prediction). Unset options take the wrapper's defaults.
         """
         if not isinstance(name, str):
             raise TypeError(f"objective name must be a string, got {type(name).__name__}")
@@ -214,15 +232,18 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         }
         config = replace(self.default_config, **overrides)
         params = self._params()
+        loss = None
         if closure is not None:
-            samples = [self._closure_gradient(name, closure, params)]
+            loss, sample = closure_gradient(name, closure, params)
+            samples = [sample]
         else:
             samples = normalize_samples(grads, name)
         coverage, S = pack_samples(samples, params, name)
         obj = ProtectedObjective(name, config, coverage, [params[i].shape for i in coverage], closure=closure)
         obj.add_samples(S)
+        obj.last_refresh_step = obj.last_check_step = self.gradsafe_steps
+        obj.loss_at_refresh = loss
         self._objectives[name] = obj
-        self._last_refresh[name] = self.gradsafe_steps
         self._invalidate()
         return obj
 
@@ -230,7 +251,6 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         """Remove an objective; its memory is returned."""
         if name not in self._objectives:
             raise KeyError(f"no protected objective named {name!r}; known: {sorted(self._objectives)}")
-        self._last_refresh.pop(name, None)
         obj = self._objectives.pop(name)
         self._invalidate()
         return obj
@@ -258,32 +278,26 @@ class ProtectedOptimizer(torch.optim.Optimizer):
     def _invalidate(self) -> None:
         self._plan = None
 
-    def _closure_gradient(self, name: str, closure: Closure, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """The protected loss's gradient at the current parameters, leaving ``.grad`` untouched."""
-        with torch.enable_grad():
-            loss = closure()
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise TypeError(f"the closure of {name!r} must return a scalar loss tensor")
-        trainable = [i for i, p in enumerate(params) if p.requires_grad]
-        grads = torch.autograd.grad(loss, [params[i] for i in trainable], allow_unused=True)
-        sample: list[torch.Tensor | None] = [None] * len(params)
-        for i, g in zip(trainable, grads):
-            sample[i] = g
-        return sample
-
     def _refresh_due_objectives(self, params: list[torch.Tensor]) -> None:
+        step = self.gradsafe_steps
         for name, obj in self._objectives.items():
-            every = obj.config.refresh_every
-            if every is None or self.gradsafe_steps - self._last_refresh[name] < every:
-                continue
+            due = is_due(obj.config.refresh_every, step, obj.last_refresh_step, obj.last_check_step, self.auto_check_every)
+            if due is None or (obj.closure is None and not obj.had_closure):
+                continue  # sample-based memory: nothing to recompute
             if obj.closure is None:
-                if not obj.had_closure:
-                    continue  # sample-based memory: refresh_every has nothing to recompute
                 raise RuntimeError(
                     f"objective {name!r} is due for a refresh but has no closure (closures are not "
                     f"saved in state dicts): call opt.attach_closure({name!r}, fn) after loading"
                 )
-            fresh = self._closure_gradient(name, obj.closure, params)
+            if due == "check":
+                obj.last_check_step = step
+                with torch.no_grad():
+                    loss = float(closure_loss(name, obj.closure).detach())
+                self._measure_staleness(obj, loss)
+                if obj.staleness is None or obj.staleness <= STALE:
+                    continue
+            loss, fresh = closure_gradient(name, obj.closure, params)
+            self._measure_staleness(obj, loss)
             # the memory's layout is fixed at registration: keep covered entries (0 where the
             # loss no longer reaches one), drop parameters the loss reaches only now
             covered = set(obj.coverage)
@@ -292,17 +306,23 @@ class ProtectedOptimizer(torch.optim.Optimizer):
                 for i in range(len(params))
             ]
             _, S = pack_samples([sample], params, name, coverage=obj.coverage, allow_zero=True)
-            self._last_refresh[name] = self.gradsafe_steps
+            obj.last_refresh_step = obj.last_check_step = step
+            obj.loss_at_refresh = loss
+            obj.predicted_since_refresh = 0.0
             if not bool(S.any()):
                 warnings.warn(
-                    f"the protected gradient of {name!r} is exactly zero at step {self.gradsafe_steps}; "
-                    "keeping the previous memory",
+                    f"the protected gradient of {name!r} is exactly zero at step {step}; keeping the previous memory",
                     RuntimeWarning,
                     stacklevel=3,
                 )
                 continue
             obj.refresh(S)
             self._invalidate()
+
+    @staticmethod
+    def _measure_staleness(obj: ProtectedObjective, loss: float) -> None:
+        if obj.loss_at_refresh is not None:
+            obj.staleness = staleness(loss - obj.loss_at_refresh, obj.predicted_since_refresh, obj.loss_at_refresh)
 
     # ------------------------------------------------------------------ the step
     def _current_plan(self, params: list[torch.Tensor], active: frozenset[int] | None = None) -> Plan:
@@ -341,6 +361,28 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             self._report_cache = None
             self.base_optimizer.step()
             return loss
+        plan, record, tensors = self._surgery(step_base=True)
+        self._record(plan, record, self._fisher_step(plan, tensors))
+        return loss
+
+    def _record(self, plan: Plan, record: StepRecord, fisher_step: dict[str, torch.Tensor]) -> None:
+        """Book a finished step: its report source, the counters, closures' predictions, sinks."""
+        self._last = _LastStep(plan, record, self._step_scale(plan), fisher_step)
+        self._report_cache = None
+        self.gradsafe_steps += 1
+        if any(o.had_closure for o in self._objectives.values()):
+            for name, stats in self.report.items():
+                obj = self._objectives.get(name)
+                if obj is not None and obj.had_closure:
+                    obj.predicted_since_refresh += stats["predicted_change"]
+        if self._sinks:
+            flat = self._flat_metrics()
+            for sink, every in self._sinks:
+                if self.gradsafe_steps % every == 0:
+                    sink(self.gradsafe_steps, flat)
+
+    def _surgery(self, step_base: bool) -> tuple[Plan, StepRecord, list[torch.Tensor]]:
+        """Refresh what is due, run the surgery, and (if ``step_base``) the base step."""
         params = self._params()
         self._refresh_due_objectives(params)
         # parameters without a gradient are not stepped by the base optimizer: leave them
@@ -354,32 +396,89 @@ class ProtectedOptimizer(torch.optim.Optimizer):
                 # an expanded gradient (set by hand; autograd never makes one) cannot be
                 # changed in place: give the parameter its own copy first
                 p.grad = p.grad.contiguous()
-        if self.space == "grad":
-            record = self._backend.run(plan, [p.grad for p in covered])
-            self.base_optimizer.step()
+        if self.space == "grad" or not step_base:
+            tensors = [p.grad for p in covered]
+            record = self._backend.run(plan, tensors)
+            if step_base:
+                self.base_optimizer.step()
         else:
             before = [p.detach().clone() for p in covered]
             self.base_optimizer.step()
             # the surgery acts on u = theta_before - theta_after, the "gradient-like" direction
-            updates = [b.to(torch.float32) - p.detach().to(torch.float32) for b, p in zip(before, covered)]
-            record = self._backend.run(plan, updates)
-            for p, b, u in zip(covered, before, updates):
+            tensors = [b.to(torch.float32) - p.detach().to(torch.float32) for b, p in zip(before, covered)]
+            record = self._backend.run(plan, tensors)
+            for p, b, u in zip(covered, before, tensors):
                 p.copy_(b.to(torch.float32) - u)
-        self._last = (plan, record)
-        self._report_cache = None
-        self.gradsafe_steps += 1
-        return loss
+        return plan, record, tensors
+
+    def _step_scale(self, plan: Plan) -> np.ndarray:
+        """Per plan position, delta theta = -scale * x: the group's lr in space "grad", else 1."""
+        if self.space == "update":
+            return np.ones(plan.num_tensors)
+        lrs = [float(g["lr"]) if "lr" in g else 1.0 for g in self.base_optimizer.param_groups for _ in g["params"]]
+        return np.array([lrs[i] for i in plan.param_indices])
+
+    def _fisher_step(self, plan: Plan, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``sum F (delta theta)^2`` per objective, on the device (only with ``fisher_metrics``)."""
+        if not self.fisher_metrics:
+            return {}
+        scale = self._step_scale(plan)
+        out = {}
+        for b in plan.blocks:
+            fisher = b.objective.fisher
+            parts = [
+                (fisher[sl] * tensors[p].detach().reshape(-1).float().square()).sum() * float(scale[p]) ** 2
+                for p, sl in zip(b.positions, b.slices)
+            ]
+            out[b.objective.name] = torch.stack(parts).sum()
+        return out
 
     @property
     def report(self) -> dict[str, dict[str, float]]:
-        """Last real step, per objective: cosine, conflict, energy_in_subspace, energy_removed."""
+        """The last real step, per objective, as floats (docs/monitor.md has the formulas).
+
+        cosine, conflict, energy_in_subspace, energy_removed, predicted_change, grad_norm;
+        staleness for closure objectives once measured; fisher_step with ``fisher_metrics``;
+        per-parameter entries ``"<stat>/<parameter index>"`` with ``per_tensor``.
+        """
         if self._last is None:
             return {}
         if self._report_cache is None:
-            plan, record = self._last
-            coefs, weights = record.host()
-            self._report_cache = plan.rule.report(coefs, weights, plan.norms_offset)
+            last = self._last
+            coefs, weights = last.record.host()
+            report = step_report(last.plan, coefs, weights, last.step_scale, per_tensor=self.per_tensor)
+            for name, stats in report.items():
+                obj = self._objectives.get(name)
+                if obj is not None and obj.staleness is not None:
+                    stats["staleness"] = float(obj.staleness)
+                if name in last.fisher_step:
+                    stats["fisher_step"] = float(last.fisher_step[name])
+            self._report_cache = report
         return self._report_cache
+
+    def _flat_metrics(self) -> dict[str, float]:
+        return {f"gradsafe/{name}/{stat}": v for name, stats in self.report.items() for stat, v in stats.items()}
+
+    @property
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """The report as scalar tensors with stable keys ``gradsafe/<objective>/<stat>``.
+
+        Unchanged by a skipped step (a GradScaler step with inf gradients never reaches the
+        wrapper). With the torch backend the numbers are computed on the host, so these are
+        CPU tensors.
+        """
+        return {k: torch.tensor(v, dtype=torch.float64) for k, v in self._flat_metrics().items()}
+
+    def add_sink(self, sink: Sink, every: int = 1) -> None:
+        """Call ``sink(step, metrics)`` (floats keyed ``gradsafe/<objective>/<stat>``) every N steps."""
+        if not callable(sink):
+            raise TypeError("sink must be callable as sink(step, metrics)")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        self._sinks.append((sink, every))
+
+    def remove_sink(self, sink: Sink) -> None:
+        self._sinks = [(s, e) for s, e in self._sinks if s is not sink]
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -392,7 +491,6 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             "space": self.space,
             "defaults": asdict(self.default_config),
             "objectives": {name: obj.state_dict() for name, obj in self._objectives.items()},
-            "last_refresh": dict(self._last_refresh),
         }
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state)
@@ -421,7 +519,6 @@ class ProtectedOptimizer(torch.optim.Optimizer):
                     obj.closure = self._objectives[name].closure
                 objectives[name] = obj
             self._objectives = objectives
-            self._last_refresh = {k: int(v) for k, v in saved["last_refresh"].items()}
             self.gradsafe_steps = int(saved["steps"])
             self.space = saved["space"]
             self.default_config = ObjectiveConfig(**saved["defaults"])
@@ -442,3 +539,13 @@ def _check_grad(g: torch.Tensor, index: int) -> torch.Tensor:
 
 def _has_broadcast_strides(g: torch.Tensor) -> bool:
     return any(stride == 0 and size > 1 for stride, size in zip(g.stride(), g.shape))
+
+
+@dataclass
+class _LastStep:
+    """What the report of the last step is computed from."""
+
+    plan: Plan
+    record: StepRecord
+    step_scale: np.ndarray
+    fisher_step: dict[str, torch.Tensor]

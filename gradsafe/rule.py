@@ -31,14 +31,12 @@ from .qp import solve_nonneg_qp_batch
 if TYPE_CHECKING:  # pragma: no cover
     from .plan import Block
 
-__all__ = ["HostRule", "PINV_RTOL", "REPORT_KEYS"]
+__all__ = ["HostRule", "PINV_RTOL"]
 
 # Directions whose independent part is below sqrt(1e-6) = 1e-3 of their norm are treated as
 # dependent: the coefficients come from fp32 passes, and resolving finer would amplify
 # their rounding.
 PINV_RTOL = 1e-6
-
-REPORT_KEYS = ("cosine", "conflict", "energy_in_subspace", "energy_removed")
 
 
 def _penalty(strength: float) -> float:
@@ -165,26 +163,9 @@ class HostRule:
         ]
         self.weight_numel = blocks[-1].coef_offset + blocks[-1].coef_numel if blocks else 0
 
-        # ---- report constants
-        self.mean_norm2 = []
-        self.constraint_gram_pinv = []
-        for b in blocks:
-            mean = b.rows[b.mean_row()].double()
-            self.mean_norm2.append(float(mean @ mean))
-            cons = b.constraint_rows()
-            if not cons:
-                self.constraint_gram_pinv.append(None)
-                continue
-            Rc = b.rows[cons].double()
-            if b.scope == "global":
-                g = (Rc @ Rc.T).cpu().numpy()
-                self.constraint_gram_pinv.append(np.linalg.pinv(g, rcond=PINV_RTOL, hermitian=True)[None])
-            else:
-                gs = [(Rc[:, sl] @ Rc[:, sl].T).cpu().numpy() for sl in b.slices]
-                self.constraint_gram_pinv.append(np.linalg.pinv(np.stack(gs), rcond=PINV_RTOL, hermitian=True))
-
     # ------------------------------------------------------------------ per step
-    def _block_coefs(self, coefs: np.ndarray, bi: int) -> np.ndarray:
+    def block_coefs(self, coefs: np.ndarray, bi: int) -> np.ndarray:
+        """Block ``bi``'s ``(T_b, r_b)`` matrix inside a flat coefficient (or weight) vector."""
         b = self.blocks[bi]
         return coefs[b.coef_offset : b.coef_offset + b.coef_numel].reshape(b.num_tensors, b.num_rows)
 
@@ -193,7 +174,7 @@ class HostRule:
         coefs = np.asarray(coefs, dtype=np.float64)
         z = np.empty(self.num_columns)
         for seg in self.segments:
-            C = self._block_coefs(coefs, seg.block)[:, seg.rows]
+            C = self.block_coefs(coefs, seg.block)[:, seg.rows]
             part = C.reshape(-1) if seg.per_tensor else C.sum(axis=0)
             z[seg.z_offset : seg.z_offset + part.size] = part
         w = np.zeros(self.num_columns)
@@ -214,44 +195,3 @@ class HostRule:
             part = w[seg.z_offset : seg.z_offset + seg.size(b.num_tensors)]
             W[:, seg.rows] = part.reshape(b.num_tensors, len(seg.rows)) if seg.per_tensor else part[None, :]
         return weights
-
-    def report(self, coefs: np.ndarray, weights: np.ndarray | None, norms_offset: int) -> dict[str, dict[str, float]]:
-        """Per objective: cosine, conflict, energy_in_subspace, energy_removed (see docs/api.md)."""
-        coefs = np.asarray(coefs, dtype=np.float64)
-        hh = coefs[norms_offset:]
-        removed = np.zeros(len(hh))
-        if weights is not None:
-            for p, gram in enumerate(self.tensor_grams):
-                if gram.shape[0] == 0:
-                    continue
-                w_p = np.empty(gram.shape[0])
-                for bi, off in self.local[p].items():
-                    b = self.blocks[bi]
-                    t = self.local_index[(bi, p)]
-                    w_p[off : off + b.num_rows] = weights[b.coef_offset + t * b.num_rows : b.coef_offset + (t + 1) * b.num_rows]
-                removed[p] = float(w_p @ gram @ w_p)
-        out: dict[str, dict[str, float]] = {}
-        for bi, b in enumerate(self.blocks):
-            C = self._block_coefs(coefs, bi)
-            hh_b = float(hh[b.positions].sum())
-            denom = max(hh_b, 1e-300)
-            dot = float(C[:, b.mean_row()].sum())
-            cosine = dot / max(np.sqrt(hh_b * self.mean_norm2[bi]), 1e-300)
-            if b.n_basis:
-                basis = C[:, : b.n_basis]
-                inside = float((basis**2).sum()) if b.scope == "tensor" else float((basis.sum(axis=0) ** 2).sum())
-            else:
-                cons = C[:, b.constraint_rows()]
-                pinv = self.constraint_gram_pinv[bi]
-                if b.scope == "global":
-                    v = cons.sum(axis=0)
-                    inside = float(v @ pinv[0] @ v)
-                else:
-                    inside = float(np.einsum("ti,tij,tj->", cons, pinv, cons))
-            out[b.objective.name] = {
-                "cosine": float(cosine),
-                "conflict": float(dot < 0.0),
-                "energy_in_subspace": min(inside / denom, 1.0) if hh_b > 0 else 0.0,
-                "energy_removed": float(removed[b.positions].sum()) / denom if hh_b > 0 else 0.0,
-            }
-        return out

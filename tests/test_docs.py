@@ -15,7 +15,7 @@ def python_blocks(path: Path) -> list[str]:
     return FENCE.findall(path.read_text())
 
 
-@pytest.mark.parametrize("page", ["api.md"])
+@pytest.mark.parametrize("page", ["api.md", "monitor.md"])
 def test_examples_run(page: str) -> None:
     blocks = python_blocks(DOCS / page)
     assert blocks, f"{page} has no python examples"

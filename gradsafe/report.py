@@ -1,0 +1,145 @@
+"""Interference statistics of a step, from the coefficients and the weights alone.
+
+No statistic here needs another pass over the gradient: every one follows from the numbers
+the coefficient pass wrote (each block's ``rows @ h_t`` and ``|h_t|^2``), the weights the
+rule chose, and matrices that depend only on the memory (computed once per plan).
+Formulas: docs/monitor.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .plan import Plan
+
+__all__ = ["STATS", "PER_TENSOR_STATS", "ReportConstants", "step_report"]
+
+STATS = ("cosine", "conflict", "energy_in_subspace", "energy_removed", "predicted_change", "grad_norm")
+PER_TENSOR_STATS = ("cosine", "energy_removed", "predicted_change")
+
+
+@dataclass
+class ReportConstants:
+    """Per plan: |r_mean|^2 per block and tensor, constraint Gram inverses, cross Grams."""
+
+    mean_norm2: list[np.ndarray]  # per block: |r_mean restricted to tensor t|^2, (T_b,)
+    constraint_pinv: list[np.ndarray | None]  # per block: (1 or T_b, m, m)
+    cross: list[list[np.ndarray]]  # per block, per tensor: acting rows on the tensor @ r_mean
+
+    @classmethod
+    def of(cls, plan: Plan) -> "ReportConstants":
+        cached = plan.cache.get("report")
+        if cached is not None:
+            return cached
+        from .rule import PINV_RTOL
+
+        rule = plan.rule
+        mean_norm2, constraint_pinv, cross = [], [], []
+        for bi, b in enumerate(plan.blocks):
+            mean = b.rows[b.mean_row()].double()
+            mean_norm2.append(np.array([float(mean[sl] @ mean[sl]) for sl in b.slices]))
+            cons = b.constraint_rows()
+            if cons:
+                Rc = b.rows[cons].double()
+                if b.scope == "global":
+                    grams = np.stack([sum(((Rc[:, sl] @ Rc[:, sl].T) for sl in b.slices)).cpu().numpy()])
+                else:
+                    grams = np.stack([(Rc[:, sl] @ Rc[:, sl].T).cpu().numpy() for sl in b.slices])
+                constraint_pinv.append(np.linalg.pinv(grams, rcond=PINV_RTOL, hermitian=True))
+            else:
+                constraint_pinv.append(None)
+            per_tensor = []
+            for p, sl in zip(b.positions, b.slices):
+                parts = []
+                for bj, sl_j in plan.touching[p]:
+                    if bj in rule.local[p]:
+                        parts.append(plan.blocks[bj].rows[:, sl_j].double() @ mean[sl])
+                per_tensor.append(np.concatenate([x.cpu().numpy() for x in parts]) if parts else np.zeros(0))
+            cross.append(per_tensor)
+        consts = plan.cache["report"] = cls(mean_norm2, constraint_pinv, cross)
+        return consts
+
+
+def _tensor_weights(plan: Plan, weights: np.ndarray, p: int) -> np.ndarray:
+    """All weights of the acting rows on tensor ``p``, in the order of the tensor's Gram matrix."""
+    rule = plan.rule
+    w_p = np.empty(rule.tensor_grams[p].shape[0])
+    for bi, off in rule.local[p].items():
+        b = plan.blocks[bi]
+        t = rule.local_index[(bi, p)]
+        start = b.coef_offset + t * b.num_rows
+        w_p[off : off + b.num_rows] = weights[start : start + b.num_rows]
+    return w_p
+
+
+def step_report(
+    plan: Plan,
+    coefs: np.ndarray,
+    weights: np.ndarray | None,
+    step_scale: np.ndarray,
+    per_tensor: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Per objective (and with ``per_tensor``, per covered parameter) statistics of one step.
+
+    ``step_scale`` (one per plan position): the factor from the vector handed on, x, to the
+    parameter change, ``delta theta = -step_scale * x`` (the learning rate in space "grad",
+    1 in space "update").
+    """
+    consts = ReportConstants.of(plan)
+    coefs = np.asarray(coefs, dtype=np.float64)
+    hh = coefs[plan.norms_offset :]
+    removed = np.zeros(len(hh))
+    w_by_pos: dict[int, np.ndarray] = {}
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float64)
+        for p, gram in enumerate(plan.rule.tensor_grams):
+            if gram.shape[0]:
+                w_by_pos[p] = _tensor_weights(plan, weights, p)
+                removed[p] = float(w_by_pos[p] @ gram @ w_by_pos[p])
+
+    out: dict[str, dict[str, float]] = {}
+    for bi, b in enumerate(plan.blocks):
+        C = plan.rule.block_coefs(coefs, bi)
+        hh_t = hh[b.positions]
+        hh_b = float(hh_t.sum())
+        denom = max(hh_b, 1e-300)
+        dots = C[:, b.mean_row()]
+        dot = float(dots.sum())
+        mean_norm2 = consts.mean_norm2[bi]
+        cosine = dot / max(np.sqrt(hh_b * float(mean_norm2.sum())), 1e-300)
+        if b.n_basis:
+            basis = C[:, : b.n_basis]
+            inside = float((basis**2).sum()) if b.scope == "tensor" else float((basis.sum(axis=0) ** 2).sum())
+        else:
+            cons = C[:, b.constraint_rows()]
+            pinv = consts.constraint_pinv[bi]
+            if b.scope == "global":
+                v = cons.sum(axis=0)
+                inside = float(v @ pinv[0] @ v)
+            else:
+                inside = float(np.einsum("ti,tij,tj->", cons, pinv, cons))
+        # <r_mean, x_t> = <r_mean, h_t> + (acting rows on t @ r_mean) . w_t
+        along = dots.copy()
+        for t, p in enumerate(b.positions):
+            if p in w_by_pos:
+                along[t] += float(consts.cross[bi][t] @ w_by_pos[p])
+        change_t = -step_scale[b.positions] * along
+        stats = {
+            "cosine": float(cosine),
+            "conflict": float(dot < 0.0),
+            "energy_in_subspace": min(inside / denom, 1.0) if hh_b > 0 else 0.0,
+            "energy_removed": float(removed[b.positions].sum()) / denom if hh_b > 0 else 0.0,
+            "predicted_change": float(change_t.sum()),
+            "grad_norm": float(np.sqrt(hh_b)),
+        }
+        if per_tensor:
+            index = plan.param_indices
+            for t, p in enumerate(b.positions):
+                i = index[p]
+                stats[f"cosine/{i}"] = float(dots[t] / max(np.sqrt(hh_t[t] * mean_norm2[t]), 1e-300))
+                stats[f"energy_removed/{i}"] = float(removed[p] / hh_t[t]) if hh_t[t] > 0 else 0.0
+                stats[f"predicted_change/{i}"] = float(change_t[t])
+        out[b.objective.name] = stats
+    return out
