@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._blas import single_threaded_blas
+
 __all__ = ["solve_nonneg_qp", "solve_nonneg_qp_batch", "DEGENERATE"]
 
 # A reference whose diagonal of H fell below this fraction of its squared norm before
@@ -106,6 +108,7 @@ def solve_nonneg_qp_batch(H: np.ndarray, q: np.ndarray, ref_norms2: np.ndarray) 
         lam = np.where(np.isfinite(q[:, 0]) & np.isfinite(h), lam, np.nan)
         return lam[:, None]
     out = np.zeros_like(q)
-    for b in range(q.shape[0]):
-        out[b] = solve_nonneg_qp(H[b], q[b], ref_norms2[b])
+    with single_threaded_blas():
+        for b in range(q.shape[0]):
+            out[b] = solve_nonneg_qp(H[b], q[b], ref_norms2[b])
     return out

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ._blas import single_threaded_blas
 from .qp import solve_nonneg_qp_batch
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,6 +62,10 @@ class HostRule:
     """Precomputed structure of the joint rule for one plan."""
 
     def __init__(self, blocks: list["Block"], touching: list[list[tuple[int, slice]]]) -> None:
+        with single_threaded_blas():
+            self._build(blocks, touching)
+
+    def _build(self, blocks: list["Block"], touching: list[list[tuple[int, slice]]]) -> None:
         self.blocks = blocks
         num_pos = len(touching)
 

@@ -8,12 +8,23 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-__all__ = ["SPLIT_SEED", "PERMUTATION_SEED", "Task", "TwoTasks", "load_digits_tensors", "make_tasks", "batch_order"]
+__all__ = [
+    "SETTINGS",
+    "SPLIT_SEED",
+    "PERMUTATION_SEED",
+    "Task",
+    "TwoTasks",
+    "load_digits_tensors",
+    "make_tasks",
+    "batch_order",
+]
 
 SPLIT_SEED = 0  # the train/test split is the same for every run seed
 PERMUTATION_SEED = 1234  # task B's pixel permutation is the same for every run seed
@@ -43,13 +54,30 @@ class TwoTasks:
     classes: int  # outputs per head
 
 
-def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The 1797 digits, split (fixed seed, stratified) and standardised with train statistics."""
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (1797, 64) float32 pixels and int64 labels.
+
+    Reads the file scikit-learn ships (``sklearn/datasets/data/digits.csv.gz``, the file that
+    ``load_digits`` reads) without importing scikit-learn, which takes seconds; falls back to
+    ``sklearn.datasets.load_digits`` if the file is not where it is expected.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in locations:
+        path = os.path.join(root, "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            data = np.loadtxt(path, delimiter=",", dtype=np.float32)
+            if data.shape == (1797, 65):
+                return data[:, :-1], data[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    x = digits.data.astype(np.float32)
-    y = digits.target.astype(np.int64)
+    return digits.data.astype(np.float32), digits.target.astype(np.int64)
+
+
+def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 1797 digits, split (fixed seed, stratified) and standardised with train statistics."""
+    x, y = _digits_arrays()
     rng = np.random.default_rng(SPLIT_SEED)
     train_idx, test_idx = [], []
     for c in range(10):
