@@ -160,7 +160,7 @@ class GradientMonitor:
             return {}
         with torch.no_grad():
             plan, record, _ = self._inner._surgery(step_base=False)
-        self._inner._record(plan, record, {})
+        self._inner._record(plan, record, None)
         return self._inner.report
 
     @property

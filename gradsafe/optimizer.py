@@ -278,6 +278,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
     def _invalidate(self) -> None:
         self._plan = None
 
+    @torch.compiler.disable
     def _refresh_due_objectives(self, params: list[torch.Tensor]) -> None:
         step = self.gradsafe_steps
         for name, obj in self._objectives.items():
@@ -345,8 +346,14 @@ class ProtectedOptimizer(torch.optim.Optimizer):
                             f"objective {obj.name!r} covers parameter {i} with shape {tuple(shape)}, "
                             f"but the optimizer's parameter {i} is {got}"
                         )
-            plan = build_plan(objs, params, active)
-            self._plan, self._plan_params = plan, list(params)
+            plan = self._build_plan(objs, params, active)
+        return plan
+
+    @torch.compiler.disable
+    def _build_plan(self, objs: list[ProtectedObjective], params: list[torch.Tensor], active: frozenset[int]) -> Plan:
+        # host-side bookkeeping (numpy, Python containers): never traced by torch.compile
+        plan = build_plan(objs, params, active)
+        self._plan, self._plan_params = plan, list(params)
         return plan
 
     @torch.no_grad()
@@ -362,11 +369,20 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             self.base_optimizer.step()
             return loss
         plan, record, tensors = self._surgery(step_base=True)
-        self._record(plan, record, self._fisher_step(plan, tensors))
+        self._record(plan, record, tensors)
         return loss
 
-    def _record(self, plan: Plan, record: StepRecord, fisher_step: dict[str, torch.Tensor]) -> None:
-        """Book a finished step: its report source, the counters, closures' predictions, sinks."""
+    @torch.compiler.disable
+    def _record(self, plan: Plan, record: StepRecord, tensors: list[torch.Tensor] | None) -> None:
+        """Book a finished step: its report source, the counters, closures' predictions, sinks.
+
+        Host-side bookkeeping, never traced by torch.compile. A step whose covered gradients
+        were all exactly zero (the fake step with which torch.distributed.checkpoint
+        materialises state) is not booked.
+        """
+        if isinstance(record.coefs, np.ndarray) and not record.coefs[plan.norms_offset :].any():
+            return
+        fisher_step = self._fisher_step(plan, tensors) if tensors is not None else {}
         self._last = _LastStep(plan, record, self._step_scale(plan), fisher_step)
         self._report_cache = None
         self.gradsafe_steps += 1
@@ -481,17 +497,51 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         self._sinks = [(s, e) for s, e in self._sinks if s is not sink]
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        for hook in self._optimizer_state_dict_pre_hooks.values():
-            hook(self)
-        state = self.base_optimizer.state_dict()
-        state["gradsafe"] = {
+    def gradsafe_state_dict(self) -> dict[str, Any]:
+        """gradsafe's own state alone: every objective's memory and configuration, counters.
+
+        Tensors and plain values only. ``state_dict()`` holds it under the key
+        ``"gradsafe"``; this accessor serves checkpointers that keep only ``state`` and
+        ``param_groups`` (``torch.distributed.checkpoint``).
+        """
+        return {
             "version": _STATE_VERSION,
             "steps": self.gradsafe_steps,
             "space": self.space,
             "defaults": asdict(self.default_config),
             "objectives": {name: obj.state_dict() for name, obj in self._objectives.items()},
         }
+
+    def load_gradsafe_state_dict(self, saved: Mapping[str, Any]) -> None:
+        """Restore what ``gradsafe_state_dict`` returned; the base optimizer is left alone.
+
+        Objectives are replaced by the saved ones; a closure registered on this wrapper under
+        the same name is kept (closures cannot be saved).
+        """
+        if saved.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported gradsafe state version {saved.get('version')!r}")
+        params = self._params()
+        objectives = {}
+        for name, obj_state in saved["objectives"].items():
+            cov = obj_state["coverage"]
+            device = params[cov[0]].device if cov and cov[0] < len(params) else None
+            obj = ProtectedObjective.from_state_dict(name, obj_state, device=device)
+            if name in self._objectives and self._objectives[name].closure is not None:
+                obj.closure = self._objectives[name].closure
+            objectives[name] = obj
+        self._objectives = objectives
+        self.gradsafe_steps = int(saved["steps"])
+        self.space = saved["space"]
+        self.default_config = ObjectiveConfig(**saved["defaults"])
+        self._last = None
+        self._report_cache = None
+        self._invalidate()
+
+    def state_dict(self) -> dict[str, Any]:
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state = self.base_optimizer.state_dict()
+        state["gradsafe"] = self.gradsafe_state_dict()
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state)
             if result is not None:
@@ -507,24 +557,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         saved = state_dict.pop("gradsafe", None)
         self.base_optimizer.load_state_dict(state_dict)
         if saved is not None:
-            if saved.get("version") != _STATE_VERSION:
-                raise ValueError(f"unsupported gradsafe state version {saved.get('version')!r}")
-            params = self._params()
-            objectives = {}
-            for name, obj_state in saved["objectives"].items():
-                cov = obj_state["coverage"]
-                device = params[cov[0]].device if cov and cov[0] < len(params) else None
-                obj = ProtectedObjective.from_state_dict(name, obj_state, device=device)
-                if name in self._objectives and self._objectives[name].closure is not None:
-                    obj.closure = self._objectives[name].closure
-                objectives[name] = obj
-            self._objectives = objectives
-            self.gradsafe_steps = int(saved["steps"])
-            self.space = saved["space"]
-            self.default_config = ObjectiveConfig(**saved["defaults"])
-            self._last = None
-            self._report_cache = None
-            self._invalidate()
+            self.load_gradsafe_state_dict(saved)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
