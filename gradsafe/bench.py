@@ -1,12 +1,25 @@
-"""``gradsafe bench``: the surgery's cost against a naive loop and the base optimizer's step.
+"""``gradsafe bench``: the surgery's cost against a naive loop, the base optimizer's step and
+the bytes-moved floor.
 
-Every variant is timed in the same run, interleaved round by round (machines here are
-noisy), and reported as a median with its ratio to the naive per-parameter loop and to the
-default ``torch.optim.AdamW`` step on the same parameters. Gradients are rotated between
-two sets so that no run starts from a warm cache of the previous one. ``GB/s`` is the
-bytes-moved floor of the variant divided by its median time (see ../shared/PERF.md):
-surgery ``(2 k + 2) * 4 + 12`` bytes per parameter with the mean-reference row read once,
-AdamW 28 bytes per parameter.
+Every variant is timed in the same run, interleaved round by round (machines are noisy), and
+reported as a median with its ratios. Gradients are rotated between two sets, each larger
+than a GPU's L2 in the GPU tables, so that no run starts from a warm cache of the previous
+one.
+
+- ``gradsafe bench`` (one configuration): the naive per-parameter loop, the torch backend,
+  on a GPU the Triton backend (float32 and bfloat16 basis), and the AdamW step (default and
+  fused), each with its speed-up over the naive loop, its time relative to AdamW and its
+  achieved GB/s (the variant's bytes-moved floor over its median time).
+- ``gradsafe bench --sweep`` (GPU): one row per configuration (k = 1, 4, 16, 64; float32 and
+  bfloat16 basis; global and tensor scope; 1 to 500 tensors) with the floor time (bytes at
+  the measured copy bandwidth), every variant's median, the Triton backend's ratio to the
+  floor, its speed-up over the naive loop and over the torch backend, its GB/s and its
+  kernel launches per step; then the targets of issue 3, checked.
+
+Bytes-moved floors per parameter (../shared/PERF.md), with s_g, s_U the bytes of a gradient
+and a basis element: fused surgery ``(2k + 1) s_U + 3 s_g`` (the coefficient pass reads the
+k basis rows and the mean reference, the apply pass the k basis rows; the gradient is read
+twice and written once); the naive loop ``2 k s_U + 3 s_g`` at best; AdamW 28 bytes (fp32).
 """
 
 from __future__ import annotations
@@ -23,7 +36,18 @@ from .backends import get_backend
 from .objective import ObjectiveConfig, ProtectedObjective
 from .plan import Plan, build_plan
 
-__all__ = ["add_arguments", "run", "make_problem", "measure", "Problem"]
+__all__ = [
+    "add_arguments",
+    "run",
+    "make_problem",
+    "measure",
+    "Problem",
+    "naive_step",
+    "sweep",
+    "SweepRow",
+    "copy_bandwidth",
+    "surgery_floor_bytes",
+]
 
 
 @dataclass
@@ -41,57 +65,124 @@ class Problem:
         return sum(p.numel() for p in self.params)
 
 
-def make_problem(numel: int, tensors: int, rank: int, scope: str = "global", seed: int = 0) -> Problem:
-    """``tensors`` parameters of (about) ``numel`` entries in all, a rank-``rank`` project objective."""
-    gen = torch.Generator().manual_seed(seed)
+def make_problem(
+    numel: int, tensors: int, rank: int, scope: str = "global", seed: int = 0, device: str | torch.device = "cpu"
+) -> Problem:
+    """``tensors`` parameters of (about) ``numel`` entries in all, a rank-``rank`` project objective.
+
+    On a CUDA device everything is generated there (a batched QR per scope), so that large
+    problems build in seconds.
+    """
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     base = numel // tensors
     sizes = [base + (1 if i < numel - base * tensors else 0) for i in range(tensors)]
-    params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in sizes]
-    grad_sets = [[torch.randn(n, generator=gen) for n in sizes] for _ in range(2)]
     total = sum(sizes)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device)
+
+    params = [torch.nn.Parameter(randn(n)) for n in sizes]
+    grad_sets = [[randn(n) for n in sizes] for _ in range(2)]
     obj = ProtectedObjective("bench", ObjectiveConfig(rank=rank, scope=scope), range(tensors), [p.shape for p in params])
-    q, _ = torch.linalg.qr(torch.randn(total, rank, generator=gen))
     if scope == "global":
+        q, _ = torch.linalg.qr(randn(total, rank))
         basis = q.T.contiguous()
-        energies = torch.ones(rank)
+        energies = torch.ones(rank, device=device)
     else:  # per tensor: orthonormalise each slice on its own
-        basis = torch.zeros(rank, total)
-        for sl in obj.slices():
-            r = min(rank, sl.stop - sl.start)
-            qt, _ = torch.linalg.qr(torch.randn(sl.stop - sl.start, r, generator=gen))
-            basis[:r, sl] = qt.T
-        energies = torch.ones(tensors, rank)
-    obj._pack(basis, torch.randn(total, generator=gen), None)
+        basis = torch.zeros(rank, total, device=device)
+        slices = obj.slices()
+        if len(set(sizes)) == 1 and sizes[0] >= rank:  # one batched QR
+            qt, _ = torch.linalg.qr(randn(tensors, sizes[0], rank))
+            basis.view(rank, tensors, sizes[0]).copy_(qt.permute(2, 0, 1))
+        else:
+            for sl in slices:
+                r = min(rank, sl.stop - sl.start)
+                qt, _ = torch.linalg.qr(randn(sl.stop - sl.start, r))
+                basis[:r, sl] = qt.T
+        energies = torch.ones(tensors, rank, device=device)
+    obj._pack(basis, randn(total), None)
+    del basis
     obj.energies = energies
-    obj.fisher = torch.rand(total, generator=gen)
+    obj.fisher = torch.rand(total, generator=gen, device=device)
     obj.num_samples = 1
     obj.version = 1
     return Problem(params, grad_sets, obj, build_plan([obj], params), rank)
 
 
+def naive_bases(problem: Problem, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Per parameter, the basis as a user would hold it: ``(n, k)``, in ``dtype``."""
+    return [problem.objective.basis[:, sl].T.contiguous().to(dtype) for sl in problem.objective.slices()]
+
+
 def naive_step(problem: Problem, naive_bases: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-    """The loop a user would write: ``g <- g - U (U^T g)`` per parameter, ``U`` of shape (n, k)."""
+    """The loop a user would write: ``g <- g - U (U^T g)`` per parameter, ``U`` of shape (n, k).
+
+    A low-precision basis is materialised in float32 first (``U.float()``), as it must be.
+    """
     for g, U in zip(grads, naive_bases):
+        if U.dtype != g.dtype:
+            U = U.to(g.dtype)
         g.copy_(g - U @ (U.T @ g))
 
 
-def measure(cases: dict[str, Callable[[int], None]], rounds: int) -> dict[str, list[float]]:
-    """Time each case once per round, interleaved; returns seconds per case."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    cases: dict[str, Callable[[int], None]], rounds: int, device: torch.device | None = None
+) -> dict[str, list[float]]:
+    """Time each case once per round, interleaved; returns seconds per case.
+
+    On a CUDA device each timing is bracketed by synchronisations (so it is the time the
+    step takes, launch overhead included).
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for name, fn in cases.items():  # warm-up
+    for name, fn in cases.items():  # warm-up (and compilation)
         fn(0)
+        fn(1)
+    _sync(device)
     for r in range(rounds):
         for name, fn in cases.items():
+            _sync(device)
             t0 = time.perf_counter()
             fn(r)
+            _sync(device)
             times[name].append(time.perf_counter() - t0)
     return times
 
 
-def cpu_cases(problem: Problem, backend: str = "torch") -> tuple[dict[str, Callable[[int], None]], dict[str, float]]:
+def surgery_floor_bytes(k: int, basis_bytes: int, grad_bytes: int = 4) -> int:
+    """Bytes per parameter a fused step must move: (2k + 1) basis reads, 3 gradient passes."""
+    return (2 * k + 1) * basis_bytes + 3 * grad_bytes
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, rounds: int = 10) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write counted)."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    _sync(device)
+    ts = []
+    for _ in range(rounds):
+        _sync(device)
+        t0 = time.perf_counter()
+        y.copy_(x)
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    del x, y
+    return 2 * nbytes / statistics.median(ts)
+
+
+# ------------------------------------------------------------------------------ one configuration
+def cases_for(problem: Problem, backend: str = "torch", device: torch.device | None = None):
     """The variants compared on one problem, and their floor bytes per parameter."""
+    device = torch.device(device) if device is not None else problem.plan.device
     be = get_backend(backend)
-    naive_bases = [problem.objective.basis[:, sl].T.contiguous() for sl in problem.objective.slices()]
+    nb = naive_bases(problem)
     adamw = torch.optim.AdamW(problem.params, lr=1e-3)
     adamw_fused = torch.optim.AdamW(problem.params, lr=1e-3, fused=True)
 
@@ -102,56 +193,282 @@ def cpu_cases(problem: Problem, backend: str = "torch") -> tuple[dict[str, Calla
         return grads
 
     k = problem.rank
+    name = f"gradsafe {be.name} backend"
     cases = {
-        "naive per-parameter loop": lambda r: naive_step(problem, naive_bases, with_grads(r)),
-        f"gradsafe {be.name} backend": lambda r: be.run(problem.plan, with_grads(r)),
-        "AdamW step (default)": lambda r: (with_grads(r), adamw.step()),
-        "AdamW step (fused)": lambda r: (with_grads(r), adamw_fused.step()),
+        "naive per-parameter loop": lambda r: naive_step(problem, nb, with_grads(r)),
+        name: lambda r: be.run(problem.plan, with_grads(r)),
     }
-    floors = {
-        "naive per-parameter loop": (2 * k) * 4 + 12,
-        f"gradsafe {be.name} backend": (2 * k + 1) * 4 + 12,
-        "AdamW step (default)": 28,
-        "AdamW step (fused)": 28,
-    }
+    floors = {"naive per-parameter loop": 2 * k * 4 + 12, name: surgery_floor_bytes(k, 4)}
+    if device.type == "cuda" and backend != "triton":
+        from .backends import triton_available
+
+        if triton_available():
+            from .backends.triton_backend import TritonBackend
+
+            for label, dt, sb in (("fp32", torch.float32, 4), ("bf16", torch.bfloat16, 2)):
+                tb = TritonBackend(basis_dtype=dt)
+                cases[f"gradsafe triton ({label} basis)"] = lambda r, tb=tb: tb.run(problem.plan, with_grads(r))
+                floors[f"gradsafe triton ({label} basis)"] = surgery_floor_bytes(k, sb)
+    cases["AdamW step (default)"] = lambda r: (with_grads(r), adamw.step())
+    cases["AdamW step (fused)"] = lambda r: (with_grads(r), adamw_fused.step())
+    floors["AdamW step (default)"] = floors["AdamW step (fused)"] = 28
     return cases, floors
 
 
-def format_table(times: dict[str, list[float]], floors: dict[str, float], numel: int) -> str:
+cpu_cases = cases_for  # the former name
+
+
+def format_table(times: dict[str, list[float]], floors: dict[str, float], numel: int, peak: float | None = None) -> str:
     med = {name: statistics.median(ts) for name, ts in times.items()}
     naive = next((v for k, v in med.items() if k.startswith("naive")), None)
     adamw = med.get("AdamW step (default)")
-    lines = [
-        f"{'variant':32s} {'median ms':>10s} {'vs naive':>9s} {'vs AdamW':>9s} {'GB/s':>7s}",
-        "-" * 71,
-    ]
+    head = f"{'variant':34s} {'median ms':>10s} {'vs naive':>9s} {'vs AdamW':>9s} {'GB/s':>7s}"
+    if peak:
+        head += f" {'vs floor':>9s}"
+    lines = [head, "-" * len(head)]
     for name, m in med.items():
         vs_naive = f"{naive / m:8.2f}x" if naive else "-"
         vs_adamw = f"{m / adamw:8.2f}x" if adamw else "-"
         gbs = floors.get(name, 0) * numel / m / 1e9
-        lines.append(f"{name:32s} {m * 1e3:10.2f} {vs_naive:>9s} {vs_adamw:>9s} {gbs:7.1f}")
+        line = f"{name:34s} {m * 1e3:10.3f} {vs_naive:>9s} {vs_adamw:>9s} {gbs:7.1f}"
+        if peak:
+            line += f" {m / (floors.get(name, 0) * numel / peak):8.2f}x"
+        lines.append(line)
     lines.append("vs naive: speed-up over the naive loop (higher is better); vs AdamW: time / default AdamW step.")
+    if peak:
+        lines.append(f"vs floor: time / (floor bytes at the measured copy bandwidth {peak / 1e9:.0f} GB/s).")
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------ the GPU sweep
+@dataclass
+class SweepRow:
+    k: int
+    basis: str
+    scope: str
+    tensors: int
+    numel: int
+    floor_s: float
+    times: dict[str, float]  # median seconds per variant
+    launches: int | None
+    floor_bytes: float
+
+    def ratio(self, name: str) -> float:
+        return self.times[name] / self.floor_s
+
+    def gbs(self, name: str) -> float:
+        return self.floor_bytes / self.times[name] / 1e9
+
+
+SWEEP_VARIANTS = ("naive", "torch", "triton", "adamw", "adamw_fused")
+# parameters per sweep configuration, by k: 512 MB of fp32 gradient for k <= 4, 256 MB at
+# k = 16, 64 MB at k = 64 (floors from ~0.7 ms to ~2 ms on an H200)
+SWEEP_NUMEL = {1: 1 << 27, 4: 1 << 27, 16: 1 << 26, 64: 1 << 24}
+
+
+def sweep(
+    device: torch.device | str,
+    ks=(1, 4, 16, 64),
+    bases=("fp32", "bf16"),
+    scopes=("global", "tensor"),
+    tensor_counts=(1, 200, 500),
+    numel: int | dict[int, int] | None = None,
+    rounds: int = 10,
+    with_triton: bool = True,
+    peak: float | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[SweepRow], float]:
+    """Measure every configuration; returns the rows and the copy bandwidth used for floors.
+
+    ``numel``: parameters per configuration, one number or per k (default ``SWEEP_NUMEL``:
+    every floor near a millisecond or more, every gradient set far larger than L2, the
+    largest problem ~20 GB of device memory).
+    """
+    device = torch.device(device)
+    if numel is None:
+        numel = SWEEP_NUMEL
+    numel_of = (lambda k: numel.get(k, 1 << 24)) if isinstance(numel, dict) else (lambda k: int(numel))
+    peak = peak if peak is not None else copy_bandwidth(device)
+    TritonBackend = None
+    if with_triton:
+        from .backends.triton_backend import TritonBackend  # noqa: N806 (raises if triton cannot run)
+        from . import kernels
+    rows: list[SweepRow] = []
+    for tensors in tensor_counts:
+        for scope in scopes:
+            if scope == "tensor" and tensors == 1:
+                continue  # the same problem as global
+            for k in ks:
+                n = numel_of(k)
+                problem = make_problem(n, tensors, k, scope, seed=k + tensors, device=device)
+                for basis in bases:
+                    dt, sb = (torch.float32, 4) if basis == "fp32" else (torch.bfloat16, 2)
+                    nb = naive_bases(problem, dt)
+                    opt = torch.optim.AdamW(problem.params, lr=1e-3)
+                    opt_f = torch.optim.AdamW(problem.params, lr=1e-3, fused=device.type == "cuda")
+                    torch_be = get_backend("torch")
+
+                    def with_grads(r: int, problem=problem) -> list[torch.Tensor]:
+                        grads = problem.grad_sets[r % 2]
+                        for p, g in zip(problem.params, grads):
+                            p.grad = g
+                        return grads
+
+                    cases = {
+                        "naive": lambda r, nb=nb, problem=problem, wg=with_grads: naive_step(problem, nb, wg(r)),
+                        "torch": lambda r, be=torch_be, problem=problem, wg=with_grads: be.run(problem.plan, wg(r)),
+                    }
+                    tb = None
+                    if TritonBackend is not None:
+                        tb = TritonBackend(basis_dtype=dt)
+                        cases["triton"] = lambda r, tb=tb, problem=problem, wg=with_grads: tb.run(problem.plan, wg(r))
+                    cases["adamw"] = lambda r, o=opt, wg=with_grads: (wg(r), o.step())
+                    cases["adamw_fused"] = lambda r, o=opt_f, wg=with_grads: (wg(r), o.step())
+                    times = measure(cases, rounds, device)
+                    launches = None
+                    if tb is not None:
+                        kernels.launches.reset()
+                        tb.run(problem.plan, with_grads(0))
+                        launches = kernels.launches.total
+                    fb = surgery_floor_bytes(k, sb) * problem.numel
+                    row = SweepRow(k, basis, scope, tensors, problem.numel, fb / peak,
+                                   {name: statistics.median(ts) for name, ts in times.items()}, launches, fb)
+                    rows.append(row)
+                    if log is not None:
+                        log(format_sweep_row(row))
+                    del nb, opt, opt_f, cases, tb
+                del problem
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows, peak
+
+
+SWEEP_HEADER = (
+    f"{'k':>3s} {'basis':5s} {'scope':6s} {'tensors':>7s} {'params':>10s} {'floor ms':>9s} {'naive':>8s} "
+    f"{'torch':>8s} {'triton':>8s} {'AdamW':>8s} {'fused':>8s} {'tri/floor':>9s} {'naive/tri':>9s} "
+    f"{'torch/tri':>9s} {'tri GB/s':>8s} {'launch':>6s}"
+)
+
+
+def _ms(row: SweepRow, name: str) -> str:
+    return f"{row.times[name] * 1e3:8.3f}" if name in row.times else f"{'-':>8s}"
+
+
+def format_sweep_row(row: SweepRow) -> str:
+    tri = "triton" in row.times
+    return (
+        f"{row.k:3d} {row.basis:5s} {row.scope:6s} {row.tensors:7d} {row.numel:10,d} {row.floor_s * 1e3:9.3f} "
+        f"{_ms(row, 'naive')} {_ms(row, 'torch')} {_ms(row, 'triton')} {_ms(row, 'adamw')} {_ms(row, 'adamw_fused')} "
+        + (f"{row.ratio('triton'):8.2f}x {row.times['naive'] / row.times['triton']:8.2f}x "
+           f"{row.times['torch'] / row.times['triton']:8.2f}x {row.gbs('triton'):8.0f} {row.launches:6d}"
+           if tri else f"{'-':>9s} {'-':>9s} {'-':>9s} {'-':>8s} {'-':>6s}")
+    )
+
+
+def check_targets(rows: list[SweepRow]) -> list[tuple[str, bool, str]]:
+    """Issue 3's targets on the measured rows: (target, met, worst case)."""
+    out = []
+    tri = [r for r in rows if "triton" in r.times]
+    if not tri:
+        return out
+
+    def worst(sel, key, best_high=False):
+        vals = [(key(r), r) for r in sel]
+        v, r = (min if best_high else max)(vals, key=lambda t: t[0])
+        return v, f"{v:.2f}x at k={r.k} {r.basis} {r.scope} T={r.tensors}"
+
+    big = [r for r in tri if r.tensors == 1]
+    many = [r for r in tri if r.tensors >= 200]
+    lowp = [r for r in tri if r.basis == "bf16" and r.k >= 8]
+    if big:
+        v, s = worst(big, lambda r: r.ratio("triton"))
+        out.append(("fused surgery <= 1.25x the bytes floor, large tensors", v <= 1.25, s))
+    if many:
+        v, s = worst(many, lambda r: r.ratio("triton"))
+        out.append(("fused surgery <= 1.5x the bytes floor, 200+ tensors", v <= 1.5, s))
+    if lowp:
+        v, s = worst(lowp, lambda r: r.times["naive"] / r.times["triton"], best_high=True)
+        out.append((">= 3x faster than the naive loop, bf16 basis, k >= 8", v >= 3.0, s))
+    mx = max(r.launches for r in tri)
+    out.append(("<= 4 kernel launches per step", mx <= 4, f"max {mx}"))
+    return out
+
+
+def format_sweep(rows: list[SweepRow], peak: float, device_name: str) -> str:
+    lines = [
+        f"gradsafe bench --sweep on {device_name}: copy bandwidth {peak / 1e9:.0f} GB/s (floors use it); "
+        f"medians of interleaved rounds; two rotating gradient sets larger than L2",
+        SWEEP_HEADER,
+        "-" * len(SWEEP_HEADER),
+    ]
+    lines += [format_sweep_row(r) for r in rows]
+    lines += [
+        "times in ms. floor: (2k+1) basis reads + 3 fp32 gradient passes per parameter at the copy bandwidth.",
+        "naive: per-parameter g - U (U^T g) with U (n, k) in the basis dtype (bf16 materialised as fp32);",
+        "torch: the torch backend (fp32 rows whatever the basis column); AdamW / fused: the base step alone.",
+        "tri/floor: Triton time / floor; naive/tri, torch/tri: speed-ups; tri GB/s: floor bytes / Triton time.",
+    ]
+    targets = check_targets(rows)
+    if targets:
+        lines.append("targets:")
+        lines += [f"  [{'met' if ok else 'MISSED'}] {name}: {detail}" for name, ok, detail in targets]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ command line
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--numel", type=int, default=10_000_000, help="parameters in all (default 10M)")
+    parser.add_argument("--numel", type=int, default=None, help="parameters in all (default 10M on CPU, 32M on GPU)")
     parser.add_argument("--tensors", type=int, default=50, help="number of parameter tensors (default 50)")
     parser.add_argument("--rank", type=int, default=8, help="basis rank k (default 8)")
     parser.add_argument("--scope", choices=("global", "tensor"), default="global")
-    parser.add_argument("--rounds", type=int, default=15, help="timed rounds per variant (default 15)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (default 15; sweep 10)")
     parser.add_argument("--backend", default="torch", help="gradsafe backend to time (default torch)")
-    parser.add_argument("--quick", action="store_true", help="1M parameters, 5 rounds")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true", help="1M parameters, 5 rounds (sweep: a reduced grid)")
+    parser.add_argument("--sweep", action="store_true", help="the GPU sweep table (k, basis dtype, scope, tensors)")
+    parser.add_argument("--ks", type=_ints, default=(1, 4, 16, 64), help="sweep: ranks (default 1,4,16,64)")
+    parser.add_argument("--tensor-counts", type=_ints, default=(1, 200, 500), help="sweep: tensor counts")
+    parser.add_argument("--out", default=None, help="also write the table to this file")
+
+
+def _emit(text: str, out: str | None) -> None:
+    print(text, flush=True)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text + "\n")
 
 
 def run(args: argparse.Namespace) -> int:
-    numel, rounds = (1_000_000, 5) if args.quick else (args.numel, args.rounds)
-    problem = make_problem(numel, args.tensors, args.rank, args.scope)
-    cases, floors = cpu_cases(problem, args.backend)
-    times = measure(cases, rounds)
-    print(
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.sweep:
+        if device.type != "cuda":
+            print("gradsafe bench --sweep measures the Triton kernels against the memory floor: it needs a CUDA device")
+            return 2
+        kw = dict(ks=args.ks, tensor_counts=args.tensor_counts, rounds=args.rounds or 10)
+        if args.quick:
+            kw.update(ks=(1, 16), tensor_counts=(1, 200), numel=1 << 24, rounds=args.rounds or 5)
+        elif args.numel:
+            kw.update(numel=args.numel)
+        print(SWEEP_HEADER, flush=True)
+        rows, peak = sweep(device, log=lambda s: print(s, flush=True), **kw)
+        _emit(format_sweep(rows, peak, torch.cuda.get_device_name(device)), args.out)
+        return 0
+    default_numel = 10_000_000 if device.type == "cpu" else 1 << 25
+    numel = 1_000_000 if args.quick else (args.numel or default_numel)
+    rounds = 5 if args.quick else (args.rounds or 15)
+    problem = make_problem(numel, args.tensors, args.rank, args.scope, device=device)
+    cases, floors = cases_for(problem, args.backend, device)
+    times = measure(cases, rounds, device)
+    peak = copy_bandwidth(device) if device.type == "cuda" else None
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    text = (
         f"gradsafe bench: {problem.numel:,} parameters in {args.tensors} tensors, k={args.rank}, "
-        f"scope={args.scope}, fp32, {torch.get_num_threads()} threads, {rounds} interleaved rounds"
+        f"scope={args.scope}, fp32 gradients, {where}, {rounds} interleaved rounds\n"
+        + format_table(times, floors, problem.numel, peak)
     )
-    print(format_table(times, floors, problem.numel))
+    _emit(text, args.out)
     return 0

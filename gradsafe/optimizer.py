@@ -49,7 +49,9 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             defaults for every objective (see ``protect``).
         space: "grad" (change ``p.grad`` before the base step) or "update" (let the base step
             run, then change the parameter update it made).
-        backend: "torch", or None for the ``GRADSAFE_BACKEND`` environment variable / auto.
+        backend: "torch", "triton", "auto", a backend object (e.g. ``TritonBackend(basis_dtype=
+            torch.bfloat16)``), or None: the ``GRADSAFE_BACKEND`` environment variable, else
+            "auto" (Triton for CUDA tensors when triton imports, torch otherwise).
         per_tensor: also report cosine, energy removed and predicted change per parameter.
         fisher_metrics: also report ``fisher_step = sum F (delta theta)^2`` per objective (an
             extra pass over the covered gradients).

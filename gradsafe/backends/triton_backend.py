@@ -20,8 +20,6 @@ device, basis dtype and configuration.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
@@ -29,9 +27,6 @@ from ..plan import Plan
 from .base import StepRecord
 
 __all__ = ["TritonBackend", "triton_unavailable_reason"]
-
-_CACHE_ATTR = "_gradsafe_triton_layouts"
-
 
 def triton_unavailable_reason() -> str | None:
     """None if ``gradsafe.kernels`` imports, else why not."""
@@ -91,54 +86,68 @@ class TritonBackend:
             raise RuntimeError(f"backend='triton' supports CUDA tensors (or CPU under TRITON_INTERPRET=1), not {device}")
 
     def layout(self, plan: Plan):
-        cache = getattr(plan, _CACHE_ATTR, None)
-        if cache is None:
-            cache = {}
-            setattr(plan, _CACHE_ATTR, cache)
-        key = (str(plan.device), self.basis_dtype, self.config)
-        lay = cache.get(key)
+        key = ("triton", str(plan.device), self.basis_dtype, self.config)
+        lay = plan.cache.get(key)
         if lay is None:
             self.check_device(plan.device)
             lay = self._k.build_layout(plan, self.basis_dtype, self.config, plan.device)
-            cache[key] = lay
+            plan.cache[key] = lay
         return lay
 
     # ------------------------------------------------------------------ the step
-    def _gtab(self, lay, work: list[torch.Tensor]) -> torch.Tensor:
-        addrs = tuple(w.data_ptr() for w in work)
-        if lay.gtab_cache is not None and lay.gtab_cache[0] == addrs:
-            return lay.gtab_cache[1]
-        rows = [(a, int(ok and a % 16 == 0)) for a, ok in zip(addrs, lay.static_aligned)]
-        host = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
-        if lay.device.type == "cuda":
-            gtab = host.pin_memory().to(lay.device, non_blocking=True)
-        else:
-            gtab = host
-        lay.gtab_cache = (addrs, gtab)
-        return gtab
-
-    def run(self, plan: Plan, tensors: list[torch.Tensor]) -> StepRecord:
+    def _tables(self, lay, tensors: list[torch.Tensor], ptrs, dts):
+        """Per-step tables for these tensors (validated): (gradient table, tiles per dtype)."""
         k = self._k
-        lay = self.layout(plan)
-        if len(tensors) != plan.num_tensors:
-            raise ValueError(f"expected {plan.num_tensors} tensors, got {len(tensors)}")
-        work: list[torch.Tensor] = []
-        writeback: list[tuple[torch.Tensor, torch.Tensor]] = []
         for t, n in zip(tensors, lay.numels):
             if t.device != lay.device:
                 raise ValueError(f"tensor on {t.device}, plan on {lay.device}")
             if t.numel() != n:
                 raise ValueError(f"tensor of {t.numel()} elements where the plan expects {n}")
-            if t.dtype in k.DTYPE_CODES and t.is_contiguous():
-                work.append(t)
-            else:
-                dt = t.dtype if t.dtype in k.DTYPE_CODES else torch.float32
-                w = t.detach().to(dtype=dt, memory_format=torch.contiguous_format, copy=True)
-                work.append(w)
-                writeback.append((t, w))
-        codes = tuple(k.DTYPE_CODES[w.dtype] for w in work)
-        groups = lay.tiles_for(codes)
-        gtab = self._gtab(lay, work)
+        addr = np.asarray(ptrs, dtype=np.uint64).astype(np.int64)
+        aligned = (addr % 16 == 0) & lay.static_aligned_np
+        host = torch.from_numpy(np.stack([addr, aligned.astype(np.int64)], axis=1).reshape(-1, 2).copy())
+        if lay.device.type == "cuda":
+            gtab = host.pin_memory().to(lay.device, non_blocking=True)
+        else:
+            gtab = host
+        return gtab, lay.tiles_for(tuple(k.DTYPE_CODES[d] for d in dts))
+
+    def run(self, plan: Plan, tensors: list[torch.Tensor]) -> StepRecord:
+        lay = self.layout(plan)
+        dev = lay.device
+        if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):  # Triton launches on the current device
+                return self._run(plan, lay, tensors)
+        return self._run(plan, lay, tensors)
+
+    def _run(self, plan: Plan, lay, tensors: list[torch.Tensor]) -> StepRecord:
+        k = self._k
+        if len(tensors) != plan.num_tensors:
+            raise ValueError(f"expected {plan.num_tensors} tensors, got {len(tensors)}")
+        # One pass over the tensors; the tables for a (addresses, dtypes, contiguity) seen
+        # before are reused (training loops cycle through a few gradient buffers).
+        meta = tuple([(t.data_ptr(), t.dtype, t.is_contiguous()) for t in tensors])
+        entry = lay.step_cache.get(meta)
+        writeback: list[tuple[torch.Tensor, torch.Tensor]] = []
+        work = tensors
+        if entry is None:
+            codes = k.DTYPE_CODES
+            if all(c and d in codes for _, d, c in meta):
+                entry = self._tables(lay, tensors, [m[0] for m in meta], [m[1] for m in meta])
+                if len(lay.step_cache) >= 8:  # forget the oldest
+                    lay.step_cache.pop(next(iter(lay.step_cache)))
+                lay.step_cache[meta] = entry
+            else:  # the copy path (not cached: the copies are new buffers every step)
+                work = list(tensors)
+                for i, (t, (_, d, c)) in enumerate(zip(tensors, meta)):
+                    if c and d in codes:
+                        continue
+                    dt = d if d in codes else torch.float32
+                    w = t.detach().to(dtype=dt, memory_format=torch.contiguous_format, copy=True)
+                    work[i] = w
+                    writeback.append((t, w))
+                entry = self._tables(lay, work, [w.data_ptr() for w in work], [w.dtype for w in work])
+        gtab, groups = entry
 
         dev = lay.device
         part = torch.empty(lay.n_part, dtype=torch.float32, device=dev)
@@ -164,7 +173,3 @@ class TritonBackend:
         for t, w in writeback:
             t.copy_(w.view_as(t))
         return StepRecord(coefs=coefs, weights=weights[: plan.weight_numel] if acting else None)
-
-
-def interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
+from ..qp import DEGENERATE
 from . import surgery
 from .layout import DTYPE_CODES, KernelConfig, KernelLayout, build_layout
 
@@ -73,12 +74,12 @@ def launch_finalize(layout: KernelLayout, part, coefs, weights, zbuf, n_weight: 
     cfg = layout.config
     n_coef = coefs.shape[0]
     n_inst = layout.n_inst if with_rule else 0
-    grid = (n_inst + triton.cdiv(n_coef, cfg.coef_block),)
+    grid = (n_inst + triton.cdiv(n_coef, layout.cb),)
     surgery.finalize_kernel[grid](
         part, layout.coef_tab, coefs, weights, n_coef, n_weight,
-        layout.inst_tab, layout.inst_scale, layout.col_tab, layout.pool, zbuf, n_inst,
-        CB=cfg.coef_block, JB=cfg.sum_block, CJ=cfg.col_block, MAXR=layout.maxr, HAS_R=layout.has_r,
-        SWEEPS=cfg.sweeps, ROUNDS=cfg.rounds, ZERO_W=with_rule, num_warps=4,
+        layout.inst_tab, layout.col_tab, layout.pool, zbuf, n_inst,
+        CB=layout.cb, JB=layout.jb, CJ=cfg.col_block, MAXR=layout.maxr, HAS_R=layout.has_r,
+        SWEEPS=cfg.sweeps, ROUNDS=cfg.rounds, ZERO_W=with_rule, DEGEN=DEGENERATE, num_warps=4,
     )
     launches.add("finalize")
 

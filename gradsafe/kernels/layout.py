@@ -8,9 +8,10 @@ A ``KernelLayout`` fixes, for one plan, one device and one basis storage dtype:
   every tensor's columns start on a 128-byte boundary; with bf16 rows the rule's Gram
   matrices come from the rounded rows (a second ``HostRule``), so that the result is
   orthogonal to the rows the kernels actually read;
-- the partials buffer: per block a ``(tiles of its tensors, r_b)`` matrix (so that a
-  global column is one strided sum and a per-tensor one a contiguous range of it), then one
-  ``|h|^2`` slot per tile;
+- the partials buffer: first one ``|h|^2`` slot per tile, then per block an
+  ``(r_b, tiles of its tensors)`` matrix, so that every sum the finalize pass makes (a
+  global column: a whole row of it; a per-tensor coefficient: the tensor's range of a row)
+  reads contiguous memory;
 - the coefficient table (for the report's numbers), the rule's columns (where each sums its
   partials from and where its weight goes), the rule instances (one per independent
   component of ``HostRule``) with their precomputed ``K^+``, ``P2``, ``H`` in one float64 pool.
@@ -46,8 +47,10 @@ class KernelConfig:
     chunk: elements per tile (rounded up to a multiple of the pass blocks).
     tile_elems: the register tile ``rows_block x BLOCK`` of the reduce / apply passes.
     rows_block: the most rows a pass holds at once (more rows loop).
-    coef_block, sum_block, col_block: finalize geometry (coefficients per program, partials
-        per step of a sum, columns per step of a rule matrix product).
+    sum_block: the most partials a finalize sum reads per step (the step is the next power of
+        two of the longest sum, up to this); finalize_tile: partials a program holds at once
+        (coefficients per program = finalize_tile / step); col_block: rule columns per step
+        of its matrix products.
     sweeps, rounds: the device conflict dual (several references): ``rounds`` times
         ``sweeps`` projected Gauss-Seidel sweeps, each round closed by an exact solve on the
         active set.
@@ -59,8 +62,8 @@ class KernelConfig:
     chunk: int = 16384
     tile_elems: int = 4096
     rows_block: int = 32
-    coef_block: int = 128
-    sum_block: int = 32
+    sum_block: int = 256
+    finalize_tile: int = 4096
     col_block: int = 16
     sweeps: int = 16
     rounds: int = 4
@@ -69,7 +72,7 @@ class KernelConfig:
     num_warps: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("tile_elems", "rows_block", "coef_block", "sum_block", "col_block"):
+        for name in ("tile_elems", "rows_block", "sum_block", "finalize_tile", "col_block"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two, got {v}")
@@ -103,15 +106,23 @@ class KernelLayout:
     host_reason: str | None
     n_inst: int
     inst_tab: torch.Tensor  # (I, 8) int64
-    inst_scale: torch.Tensor  # (I,) float64
     col_tab: torch.Tensor  # (Z, 8) int64
     pool: torch.Tensor  # float64
     num_columns: int
     maxr: int
     has_r: bool
+    jb: int  # partials per sum step (finalize)
+    cb: int  # coefficients per finalize program
     keep: list[torch.Tensor] = field(default_factory=list)
     tile_cache: dict = field(default_factory=dict)
-    gtab_cache: tuple | None = None
+    step_cache: dict = field(default_factory=dict)  # (addresses, dtypes) -> per-step tables
+
+    @property
+    def static_aligned_np(self) -> np.ndarray:
+        arr = self.__dict__.get("_static_aligned_np")
+        if arr is None:
+            arr = self.__dict__["_static_aligned_np"] = np.asarray(self.static_aligned, dtype=bool)
+        return arr
 
     def tiles_for(self, codes: tuple[int, ...]) -> dict[int, tuple[torch.Tensor | None, torch.Tensor | None]]:
         """Per gradient dtype code: (reduce tiles, apply tiles) as (n, 2) int64 device tables."""
@@ -214,13 +225,14 @@ def build_layout(plan: Plan, rows_dtype: torch.dtype, config: KernelConfig, devi
             rows, cols, stride, es = stored[bi]
             addr = rows.data_ptr() + cols[t] * es
             ok &= addr % 16 == 0 and stride % vec == 0
-            groups.append((addr, stride, b.num_rows, pbase[bi] + int(tstart[bi][t]) * b.num_rows))
+            groups.append((addr, stride, b.num_rows, pbase[bi] + int(tstart[bi][t]), tiles_b[bi], 0, 0, 0))
             if b.acts:
                 live_rows = b.apply_rows()
                 n_live = live_rows.stop - live_rows.start
                 if n_live > 0:
                     apply_groups.append(
-                        (addr + live_rows.start * stride * es, stride, n_live, b.coef_offset + t * b.num_rows + live_rows.start)
+                        (addr + live_rows.start * stride * es, stride, n_live, b.coef_offset + t * b.num_rows + live_rows.start,
+                         0, 0, 0, 0)
                     )
         damp = plan.damp_factors[p]
         daddr = 0
@@ -244,9 +256,9 @@ def build_layout(plan: Plan, rows_dtype: torch.dtype, config: KernelConfig, devi
         r = np.arange(b.num_rows)
         nts = np.asarray([ntiles[p] for p in b.positions], dtype=np.int64)
         sl = slice(b.coef_offset, b.coef_offset + b.coef_numel)
-        coef[sl, 0] = (pbase[bi] + tstart[bi][:, None] * b.num_rows + r[None, :]).reshape(-1)
+        coef[sl, 0] = (pbase[bi] + tstart[bi][:, None] + r[None, :] * tiles_b[bi]).reshape(-1)
         coef[sl, 1] = np.repeat(nts, b.num_rows)
-        coef[sl, 2] = b.num_rows
+        coef[sl, 2] = 1
     if T:
         coef[plan.norms_offset :, 0] = gtile0
         coef[plan.norms_offset :, 1] = ntiles
@@ -265,30 +277,32 @@ def build_layout(plan: Plan, rows_dtype: torch.dtype, config: KernelConfig, devi
                 for t, p in enumerate(b.positions):
                     z = seg.z_offset + t * len(seg.rows) + ri
                     dst = b.coef_offset + t * rb + r
-                    colspec[z] = (pbase[seg.block] + int(tstart[seg.block][t]) * rb + r, ntiles[p], rb, dst, 1, rb, 0, 0)
+                    src = pbase[seg.block] + r * tiles_b[seg.block] + int(tstart[seg.block][t])
+                    colspec[z] = (src, ntiles[p], 1, dst, 1, rb, 0, 0)
                     coef[dst, 3] = 1
             else:
                 z = seg.z_offset + ri
-                colspec[z] = (pbase[seg.block] + r, tiles_b[seg.block], rb, b.coef_offset + r, b.num_tensors, rb, 0, 0)
+                src = pbase[seg.block] + r * tiles_b[seg.block]
+                colspec[z] = (src, tiles_b[seg.block], 1, b.coef_offset + r, b.num_tensors, rb, 0, 0)
                 coef[b.coef_offset + r : b.coef_offset + b.coef_numel : rb, 3] = 1
 
     # ---- rule instances (one per component), their matrices in one float64 pool
-    inst, scales, cols, pool_parts = [], [], [], []
+    inst, cols, pool_parts = [], [], []
     c_off = p_off = 0
     max_a = max_r = 0
-    for idxA, idxR, K_pinv, P2, H, scale in rule.batches:
+    for idxA, idxR, K_pinv, P2, H, ref_norms2 in rule.batches:
         B, nA = idxA.shape
         nR = idxR.shape[1]
         max_a, max_r = max(max_a, nA), max(max_r, nR)
         for i in range(B):
             kp, p2, hh = p_off, p_off + nA * nA, p_off + nA * nA + nA * nR
-            inst.append((nA, nR, c_off, kp, p2, hh, 0, 0))
-            scales.append(float(scale[i]))
+            rn = hh + nR * nR
+            inst.append((nA, nR, c_off, kp, p2, hh, rn, 0))
             order = np.concatenate([idxA[i], idxR[i]]).astype(np.int64)
             cols.append(colspec[order])
-            pool_parts += [K_pinv[i].reshape(-1), P2[i].reshape(-1), H[i].reshape(-1)]
+            pool_parts += [K_pinv[i].reshape(-1), P2[i].reshape(-1), H[i].reshape(-1), ref_norms2[i].reshape(-1)]
             c_off += nA + nR
-            p_off += nA * nA + nA * nR + nR * nR
+            p_off += nA * nA + nA * nR + nR * nR + nR
     reason = None
     if max_a > cfg.max_rule_columns:
         reason = f"a component has {max_a} basis columns (device rule limit {cfg.max_rule_columns})"
@@ -297,6 +311,9 @@ def build_layout(plan: Plan, rows_dtype: torch.dtype, config: KernelConfig, devi
     device_rule = acting and reason is None
     pool = np.concatenate(pool_parts) if pool_parts else np.zeros(1)
     col_tab = np.concatenate(cols) if cols else np.zeros((1, 8), np.int64)
+    longest = int(max(coef[:, 1].max(initial=1), col_tab[:, 1].max(initial=1)))
+    jb = min(next_pow2(max(longest, 1)), cfg.sum_block)
+    cb = max(cfg.finalize_tile // jb, 16)
 
     return KernelLayout(
         device=device,
@@ -311,8 +328,8 @@ def build_layout(plan: Plan, rows_dtype: torch.dtype, config: KernelConfig, devi
         block_apply=block_apply,
         rb_apply=rb_apply,
         tens=i64(tens, 8),
-        groups=i64(groups, 4),
-        apply_groups=i64(apply_groups, 4),
+        groups=i64(groups, 8),
+        apply_groups=i64(apply_groups, 8),
         tile_list=tile_list,
         changes=changes,
         static_aligned=static_aligned,
@@ -323,11 +340,12 @@ def build_layout(plan: Plan, rows_dtype: torch.dtype, config: KernelConfig, devi
         host_reason=reason if acting else None,
         n_inst=len(inst) if device_rule else 0,
         inst_tab=i64(inst, 8),
-        inst_scale=torch.tensor(scales if scales else [1.0], dtype=torch.float64, device=device),
         col_tab=torch.from_numpy(col_tab).to(device),
         pool=torch.from_numpy(pool.astype(np.float64)).to(device),
         num_columns=max(Z, 1),
         maxr=next_pow2(max(max_r, 1)),
         has_r=max_r > 0,
+        jb=jb,
+        cb=cb,
         keep=keep,
     )

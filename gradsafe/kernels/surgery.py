@@ -32,23 +32,22 @@ import triton.language as tl
 TENS_COLS = 8
 # per-step gradient table (T, 2): address, aligned flag
 GTAB_COLS = 2
-# reduce row groups (G, 4): rows address (row 0, first column), row stride, rows, partial base
-# apply row groups  (G, 4): rows address (first applied row),   row stride, rows, weight base
-GROUP_COLS = 4
+# reduce row groups (G, 8): rows address (row 0, first column), row stride, rows, partial base
+#                           (row 0, the tensor's first tile), partial row stride (tiles of the block), -, -, -
+# apply row groups  (G, 8): rows address (first applied row), row stride, rows, weight base, -, -, -, -
+GROUP_COLS = 8
 # tiles (n, 2): tensor position, tile index within the tensor
 TILE_COLS = 2
 # coefficient table (C, 4): partial base, count, stride, owned-by-a-column flag
 COEF_COLS = 4
 # rule columns (Z, 8): partial base, count, stride, weight base, count, stride, -, -
 COL_COLS = 8
-# rule instances (I, 8): nA, nR, column offset, K^+ offset, P2 offset, H offset, -, -
+# rule instances (I, 8): nA, nR, column offset, K^+ offset, P2 offset, H offset, ref_norms2 offset, -
 INST_COLS = 8
 
 # dtype codes of gradients (G_DT) and stored rows (U_DT)
 DT_FP32, DT_BF16, DT_FP16 = 0, 1, 2
 
-# the relative ridge of gradsafe.qp (kept equal: the device dual solves the same problem)
-QP_RIDGE = 1e-10
 
 
 @triton.jit
@@ -80,17 +79,19 @@ def _reduce_rows(
     G_DT: tl.constexpr, U_DT: tl.constexpr, BLOCK: tl.constexpr, RB: tl.constexpr, HINT: tl.constexpr,
 ):
     """Partial dot products of rows [r0, r0 + RB) with the damped tile, and the tile's |h|^2."""
-    if HINT:
-        gaddr = tl.multiple_of(gaddr, 16)
-        daddr = tl.multiple_of(daddr, 16)
-        raddr = tl.multiple_of(raddr, 16)
-        if U_DT == 0:
-            stride = tl.multiple_of(stride, 4)
-        else:
-            stride = tl.multiple_of(stride, 8)
     gp = _as_ptr(gaddr, G_DT)
     dp = daddr.to(tl.pointer_type(tl.float32))
     up = _as_ptr(raddr, U_DT)
+    if HINT:  # (the hints go on the pointers: they do not survive the int-to-pointer cast)
+        gp = tl.multiple_of(gp, 16)
+        dp = tl.multiple_of(dp, 16)
+        up = tl.multiple_of(up, 16)
+        # the stride is a multiple of the vector width here; say so by arithmetic (a hint on a
+        # scalar argument is lost when the helper is inlined)
+        if U_DT == 0:
+            stride = (stride // 4) * 4
+        else:
+            stride = (stride // 8) * 8
     rr = r0 + tl.arange(0, RB)
     rmask = rr < nrows
     rowoff = rr.to(tl.int64) * stride
@@ -137,10 +138,11 @@ def reduce_kernel(
     end = tl.minimum(start + CHUNK, numel)
     nfull = (end - start) // BLOCK
     for g in range(g0, g1):
-        raddr = tl.load(groups_ptr + g * 4)
-        stride = tl.load(groups_ptr + g * 4 + 1)
-        nrows = tl.load(groups_ptr + g * 4 + 2)
-        pbase = tl.load(groups_ptr + g * 4 + 3)
+        raddr = tl.load(groups_ptr + g * 8)
+        stride = tl.load(groups_ptr + g * 8 + 1)
+        nrows = tl.load(groups_ptr + g * 8 + 2)
+        pbase = tl.load(groups_ptr + g * 8 + 3)
+        pstride = tl.load(groups_ptr + g * 8 + 4)
         for r0 in range(0, nrows, RB):
             if aligned != 0:
                 dots, nrm = _reduce_rows(gaddr, daddr, raddr, stride, nrows, r0, start, nfull, end,
@@ -149,7 +151,7 @@ def reduce_kernel(
                 dots, nrm = _reduce_rows(gaddr, daddr, raddr, stride, nrows, r0, start, nfull, end,
                                          G_DT, U_DT, BLOCK, RB, False)
             rr = r0 + tl.arange(0, RB)
-            tl.store(part_ptr + pbase + j * nrows + rr, dots, mask=rr < nrows)
+            tl.store(part_ptr + pbase + rr.to(tl.int64) * pstride + j, dots, mask=rr < nrows)
             tl.store(part_ptr + norm_base + j, nrm, mask=(g == g0) & (r0 == 0))
 
 
@@ -170,17 +172,17 @@ def _apply_piece(
             h = h * tl.load(dp + offs)
     acc = tl.zeros([RB, BLOCK], dtype=tl.float32)
     for a in range(a0, a1):
-        raddr = tl.load(groups_ptr + a * 4)
-        stride = tl.load(groups_ptr + a * 4 + 1)
-        nrows = tl.load(groups_ptr + a * 4 + 2)
-        wbase = tl.load(groups_ptr + a * 4 + 3)
-        if HINT:
-            raddr = tl.multiple_of(raddr, 16)
-            if U_DT == 0:
-                stride = tl.multiple_of(stride, 4)
-            else:
-                stride = tl.multiple_of(stride, 8)
+        raddr = tl.load(groups_ptr + a * 8)
+        stride = tl.load(groups_ptr + a * 8 + 1)
+        nrows = tl.load(groups_ptr + a * 8 + 2)
+        wbase = tl.load(groups_ptr + a * 8 + 3)
         up = _as_ptr(raddr, U_DT)
+        if HINT:
+            up = tl.multiple_of(up, 16)
+            if U_DT == 0:
+                stride = (stride // 4) * 4
+            else:
+                stride = (stride // 8) * 8
         for r0 in range(0, nrows, RB):
             rr = r0 + tl.arange(0, RB)
             rm = rr < nrows
@@ -199,11 +201,11 @@ def _apply_range(
     gaddr, daddr, groups_ptr, a0, a1, w_ptr, start, nfull, end,
     G_DT: tl.constexpr, U_DT: tl.constexpr, BLOCK: tl.constexpr, RB: tl.constexpr, HINT: tl.constexpr,
 ):
-    if HINT:
-        gaddr = tl.multiple_of(gaddr, 16)
-        daddr = tl.multiple_of(daddr, 16)
     gp = _as_ptr(gaddr, G_DT)
     dp = daddr.to(tl.pointer_type(tl.float32))
+    if HINT:
+        gp = tl.multiple_of(gp, 16)
+        dp = tl.multiple_of(dp, 16)
     for i in range(0, nfull):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         if HINT:
@@ -283,24 +285,31 @@ def _scatter(w_ptr, col_ptr, cols, cm, val, CJ: tl.constexpr, JB: tl.constexpr):
 
 
 @triton.jit
-def _solve_dual(q, h_ptr, nR, scale, MAXR: tl.constexpr, SWEEPS: tl.constexpr, ROUNDS: tl.constexpr):
-    """argmin_{lam >= 0} 1/2 lam^T (H + ridge I) lam + q^T lam, ridge = QP_RIDGE * scale.
+def _solve_dual(q, h_ptr, rn_ptr, nR, MAXR: tl.constexpr, SWEEPS: tl.constexpr, ROUNDS: tl.constexpr,
+                DEGEN: tl.constexpr):
+    """argmin_{lam >= 0} 1/2 lam^T H lam + q^T lam, as gradsafe.qp solves it on the host.
 
-    One reference: closed form. Several: rounds of projected Gauss-Seidel sweeps, each followed
-    by an exact solve on the sweeps' active set (Gauss-Jordan on the masked system), accepted
-    when it satisfies the KKT conditions to a relative 1e-9; otherwise the sweeps' iterate.
+    A reference whose diagonal of H is below DEGEN (gradsafe.qp.DEGENERATE) times its squared norm
+    before projection (``rn``) gets a zero multiplier and leaves the problem. One reference:
+    the closed form. Several: ``ROUNDS`` rounds of ``SWEEPS`` projected Gauss-Seidel sweeps,
+    each closed by an exact solve on the sweeps' active set (Gauss-Jordan on the masked
+    system), kept once it satisfies the KKT conditions to a relative 1e-9; if no round
+    passes, the sweeps' iterate. A non-finite q gives non-finite multipliers (a non-finite
+    gradient passes through, as on the host).
     """
     ir = tl.arange(0, MAXR)
     rm = ir < nR
-    ridge = 1e-10 * tl.maximum(scale, 1e-300)
-    diag = tl.load(h_ptr + ir * nR + ir, mask=rm, other=1.0) + ridge
+    diag = tl.load(h_ptr + ir * nR + ir, mask=rm, other=0.0)
+    rn = tl.load(rn_ptr + ir, mask=rm, other=0.0)
+    live = rm & (diag > DEGEN * tl.maximum(rn, 1e-300))
+    finite = tl.sum((rm & ~(tl.abs(q) <= 1.7976931348623157e308)).to(tl.int32), axis=0) == 0
+    dsafe = tl.where(live, diag, 1.0)
     if MAXR == 1:
-        lam = tl.where(rm, tl.maximum(-q, 0.0) / diag, 0.0)
+        lam = tl.where(live, tl.maximum(-q, 0.0) / dsafe, 0.0)
     else:
         eye = ir[:, None] == ir[None, :]
-        Hm = tl.load(h_ptr + ir[:, None] * nR + ir[None, :], mask=rm[:, None] & rm[None, :], other=0.0)
-        Hm = Hm + tl.where(eye & rm[:, None], ridge, 0.0)
-        qmax = tl.max(tl.abs(q), axis=0)
+        Hm = tl.load(h_ptr + ir[:, None] * nR + ir[None, :], mask=live[:, None] & live[None, :], other=0.0)
+        qmax = tl.max(tl.where(live, tl.abs(q), 0.0), axis=0)
         lam = tl.zeros([MAXR], dtype=tl.float64)
         best = tl.zeros([MAXR], dtype=tl.float64)
         done = tl.zeros([MAXR], dtype=tl.float64)
@@ -311,11 +320,11 @@ def _solve_dual(q, h_ptr, nR, scale, MAXR: tl.constexpr, SWEEPS: tl.constexpr, R
                         sel = ir == i
                         hrow = tl.sum(tl.where(sel[:, None], Hm, 0.0), axis=0)
                         gi = tl.sum(tl.where(sel, q, 0.0), axis=0) + tl.sum(hrow * lam, axis=0)
-                        hii = tl.sum(tl.where(sel, diag, 0.0), axis=0)
+                        hii = tl.sum(tl.where(sel, dsafe, 0.0), axis=0)
                         li = tl.sum(tl.where(sel, lam, 0.0), axis=0)
-                        lam = tl.where(sel, tl.maximum(li - gi / hii, 0.0), lam)
+                        lam = tl.where(sel & live, tl.maximum(li - gi / hii, 0.0), lam)
                 # exact solve on the active set {lam > 0}
-                free = rm & (lam > 0.0)
+                free = live & (lam > 0.0)
                 M = tl.where(free[:, None] & free[None, :], Hm, tl.where(eye, 1.0, 0.0))
                 rhs = tl.where(free, -q, 0.0)
                 for i in range(MAXR):
@@ -329,26 +338,26 @@ def _solve_dual(q, h_ptr, nR, scale, MAXR: tl.constexpr, SWEEPS: tl.constexpr, R
                 dM = tl.sum(tl.where(eye, M, 0.0), axis=1)
                 x = tl.where(free, rhs / dM, 0.0)
                 grad = q + tl.sum(Hm * x[None, :], axis=1)
-                tol = 1e-9 * (qmax + tl.max(diag, axis=0) * tl.max(tl.abs(x), axis=0))
-                bad = (free & ~(x > 0.0)) | (free & ~(tl.abs(grad) <= tol)) | (rm & ~free & ~(grad >= -tol))
+                tol = 1e-9 * (qmax + tl.max(tl.where(live, diag, 0.0), axis=0) * tl.max(tl.abs(x), axis=0))
+                bad = (free & ~(x > 0.0)) | (free & ~(tl.abs(grad) <= tol)) | (live & ~free & ~(grad >= -tol))
                 ok = tl.sum(bad.to(tl.int32), axis=0) == 0
                 best = tl.where(ok, x, best)
                 done = tl.where(ok, 1.0, done)
         lam = tl.where(done > 0.0, best, lam)
-    return lam
+    return tl.where(finite, lam, float("nan"))
 
 
 @triton.jit
-def _rule_instance(i, part_ptr, inst_ptr, scale_ptr, col_ptr, pool_ptr, z_ptr, w_ptr,
+def _rule_instance(i, part_ptr, inst_ptr, col_ptr, pool_ptr, z_ptr, w_ptr,
                    CJ: tl.constexpr, JB: tl.constexpr, MAXR: tl.constexpr, HAS_R: tl.constexpr,
-                   SWEEPS: tl.constexpr, ROUNDS: tl.constexpr):
+                   SWEEPS: tl.constexpr, ROUNDS: tl.constexpr, DEGEN: tl.constexpr):
     nA = tl.load(inst_ptr + i * 8)
     nR = tl.load(inst_ptr + i * 8 + 1)
     c0 = tl.load(inst_ptr + i * 8 + 2)
     kp = tl.load(inst_ptr + i * 8 + 3)
     p2 = tl.load(inst_ptr + i * 8 + 4)
     hh = tl.load(inst_ptr + i * 8 + 5)
-    scale = tl.load(scale_ptr + i)
+    rn = tl.load(inst_ptr + i * 8 + 6)
     ncols = nA + nR
     jc = tl.arange(0, CJ)
     # z: the column sums of the partials (A columns first, then R), kept in z_ptr[c0:c0 + ncols]
@@ -372,7 +381,7 @@ def _rule_instance(i, part_ptr, inst_ptr, scale_ptr, col_ptr, pool_ptr, z_ptr, w
             a = tl.load(z_ptr + c0 + kk, mask=km, other=0.0)
             P = tl.load(pool_ptr + p2 + kk[:, None] * nR + ir[None, :], mask=km[:, None] & rm[None, :], other=0.0)
             q -= tl.sum(P * a[:, None], axis=0)
-        lam = _solve_dual(q, pool_ptr + hh, nR, scale, MAXR, SWEEPS, ROUNDS)
+        lam = _solve_dual(q, pool_ptr + hh, pool_ptr + rn, nR, MAXR, SWEEPS, ROUNDS, DEGEN)
         _scatter(w_ptr, col_ptr, c0 + nA + ir, rm, lam, MAXR, JB)
     # mu = K^+ a + P2 lam, by chunks of CJ rows; the weights of A columns are -mu
     for r0 in range(0, nA, CJ):
@@ -394,13 +403,13 @@ def _rule_instance(i, part_ptr, inst_ptr, scale_ptr, col_ptr, pool_ptr, z_ptr, w
 @triton.jit
 def finalize_kernel(
     part_ptr, coef_ptr, coefs_ptr, w_ptr, n_coef, n_weight,
-    inst_ptr, scale_ptr, col_ptr, pool_ptr, z_ptr, n_inst,
+    inst_ptr, col_ptr, pool_ptr, z_ptr, n_inst,
     CB: tl.constexpr, JB: tl.constexpr, CJ: tl.constexpr, MAXR: tl.constexpr, HAS_R: tl.constexpr,
-    SWEEPS: tl.constexpr, ROUNDS: tl.constexpr, ZERO_W: tl.constexpr,
+    SWEEPS: tl.constexpr, ROUNDS: tl.constexpr, ZERO_W: tl.constexpr, DEGEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < n_inst:
-        _rule_instance(pid, part_ptr, inst_ptr, scale_ptr, col_ptr, pool_ptr, z_ptr, w_ptr,
-                       CJ, JB, MAXR, HAS_R, SWEEPS, ROUNDS)
+        _rule_instance(pid, part_ptr, inst_ptr, col_ptr, pool_ptr, z_ptr, w_ptr,
+                       CJ, JB, MAXR, HAS_R, SWEEPS, ROUNDS, DEGEN)
     else:
         _coef_block(pid - n_inst, part_ptr, coef_ptr, coefs_ptr, w_ptr, n_coef, n_weight, CB, JB, ZERO_W)
