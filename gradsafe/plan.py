@@ -23,6 +23,7 @@ import torch
 
 from .objective import ProtectedObjective
 from .rule import HostRule
+from .surgery import normalize_fisher
 
 __all__ = ["Block", "Plan", "build_plan"]
 
@@ -106,15 +107,6 @@ class Plan:
     def weight_numel(self) -> int:
         return self.norms_offset
 
-    @property
-    def acts(self) -> bool:
-        return any(b.acts for b in self.blocks) or any(d is not None for d in self.damp_factors)
-
-
-def _normalized_fisher(obj: ProtectedObjective) -> torch.Tensor:
-    f = obj.fisher
-    return f / f.double().mean().clamp_min(1e-30).to(f.dtype)
-
 
 def build_plan(
     objectives: Sequence[ProtectedObjective],
@@ -166,7 +158,7 @@ def build_plan(
         lam = obj.config.damping
         if lam <= 0:
             continue
-        f_hat = _normalized_fisher(obj)
+        f_hat = normalize_fisher(obj.fisher)
         for i, sl in zip(obj.coverage, obj.slices()):
             if i not in active:
                 continue
