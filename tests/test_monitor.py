@@ -81,11 +81,11 @@ def test_predicted_change_tracks_the_protected_loss_for_small_steps():
     protected = batch(100, n=64)
     opt = ProtectedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-3), mode="observe")
     opt.protect("old", collect_gradients(model, lambda b: mse(model, b), [protected]))
-    loss0 = float(mse(model, protected))
+    loss0 = float(mse(model, protected).detach())
     opt.zero_grad()
     mse(model, batch(5)).backward()
     opt.step()
-    actual = float(mse(model, protected)) - loss0
+    actual = float(mse(model, protected).detach()) - loss0
     assert opt.report["old"]["predicted_change"] == pytest.approx(actual, rel=0.05)
 
 
