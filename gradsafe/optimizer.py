@@ -503,8 +503,8 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         """gradsafe's own state alone: every objective's memory and configuration, counters.
 
         Tensors and plain values only. ``state_dict()`` holds it under the key
-        ``"gradsafe"``; this accessor serves checkpointers that keep only ``state`` and
-        ``param_groups`` (``torch.distributed.checkpoint``).
+        ``"gradsafe"`` (at the top level, and in the first param group for checkpointers that
+        keep only ``state`` and ``param_groups``, as ``torch.distributed.checkpoint`` does).
         """
         return {
             "version": _STATE_VERSION,
@@ -543,7 +543,13 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         state = self.base_optimizer.state_dict()
-        state["gradsafe"] = self.gradsafe_state_dict()
+        memory = self.gradsafe_state_dict()
+        # Top level for torch.save / Trainer / Lightning; and (the same object, saved once by
+        # pickle) in the first param group, the one place torch.distributed.checkpoint's
+        # get/set_optimizer_state_dict keep besides per-parameter state.
+        state["gradsafe"] = memory
+        if state["param_groups"]:
+            state["param_groups"][0]["gradsafe"] = memory
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state)
             if result is not None:
@@ -557,6 +563,16 @@ class ProtectedOptimizer(torch.optim.Optimizer):
                 state_dict = result
         state_dict = dict(state_dict)
         saved = state_dict.pop("gradsafe", None)
+        groups = [dict(g) for g in state_dict.get("param_groups", [])]
+        for group in groups:
+            in_group = group.pop("gradsafe", None)
+            # A copy that reached us only through the param groups (DCP) and holds no
+            # objective is most likely DCP's load template of a wrapper without objectives:
+            # it must not wipe memory restored separately (GradsafeMemory).
+            if saved is None and in_group is not None and in_group.get("objectives"):
+                saved = in_group
+        if groups:
+            state_dict["param_groups"] = groups
         self.base_optimizer.load_state_dict(state_dict)
         if saved is not None:
             self.load_gradsafe_state_dict(saved)

@@ -875,3 +875,20 @@ def test_pickle_after_scheduler():
     before = snapshot(model2)
     train_step(model2, opt2, 0)
     assert not all_equal(before, snapshot(model2))
+
+
+def test_memory_rides_in_the_first_param_group_too():
+    """torch.distributed.checkpoint keeps only state and param_groups: the memory is there too,
+    loads from there alone, and never lands in the base optimizer's param groups."""
+    model = make_model()
+    opt = ProtectedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    opt.protect("s", protected_samples(model))
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["gradsafe"] is sd["gradsafe"]
+    only_groups = {"state": sd["state"], "param_groups": sd["param_groups"]}
+    fresh = ProtectedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    fresh.load_state_dict(only_groups)
+    assert set(fresh.objectives) == {"s"}
+    assert torch.equal(fresh.objectives["s"].basis, opt.objectives["s"].basis)
+    assert all("gradsafe" not in g for g in fresh.base_optimizer.param_groups)
+    assert "gradsafe" in sd["param_groups"][0]  # the caller's dict is not modified

@@ -67,13 +67,6 @@ def test_base_state_round_trips_without_a_process_group():
             assert torch.equal(opt.state[p][key], opt2.state[q][key])
 
 
-@pytest.mark.xfail(
-    reason="LIMITATION (documented in docs/integrations/checkpoint.md): get_optimizer_state_dict keeps "
-    "only 'state' and 'param_groups'; the 'gradsafe' entry (bases, references, Fisher, counters) is "
-    "dropped, so set_optimizer_state_dict restores no objective. Use GradsafeAppState / "
-    "GradsafeMemory (opt.gradsafe_state_dict()) next to it",
-    strict=True,
-)
 def test_memory_round_trips_through_get_and_set_optimizer_state_dict():
     model, samples, closure, data = setup()
     opt = make_opt(model, samples, closure, "adam")
