@@ -13,10 +13,11 @@ finite number of exchanges with the exact KKT point.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ._blas import single_threaded_blas
 
-__all__ = ["solve_nonneg_qp", "solve_nonneg_qp_batch", "DEGENERATE"]
+__all__ = ["solve_nonneg_qp", "solve_nonneg_qp_batch", "solve_nonneg_qp_branch_free", "DEGENERATE"]
 
 # A reference whose diagonal of H fell below this fraction of its squared norm before
 # projection lies (up to float rounding) inside the hard-projected subspace: the projection
@@ -94,8 +95,56 @@ def solve_nonneg_qp(
     return np.maximum(lam, 0.0)
 
 
+def solve_nonneg_qp_branch_free(H: np.ndarray, q: np.ndarray, ref_norms2: np.ndarray) -> np.ndarray:
+    """The batched problem without a data-dependent Python branch (for ``torch.compile``).
+
+    The same active-set method as ``solve_nonneg_qp`` (Lawson-Hanson), written with a fixed
+    number of iterations (``3 m + 10``, its usual bound) and ``np.where``: each iteration
+    either adds the most violated constraint (when the solution on the active set is
+    feasible) or steps back towards it (when it is not); at the solution it stays put.
+    """
+    H = np.asarray(H, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    B, m = q.shape
+    eye = np.eye(m)
+    diag = np.diagonal(H, axis1=1, axis2=2)
+    live = diag > DEGENERATE * np.maximum(ref_norms2, 1e-300)  # (B, m)
+    H = np.where(live[:, :, None] & live[:, None, :], H, eye)
+    q = np.where(live, q, 0.0)
+    evals, evecs = np.linalg.eigh(H)
+    null = evals <= _NULL * np.maximum(evals[:, -1:], 1e-300)
+    q = q - np.einsum("bij,bj->bi", evecs, np.einsum("bji,bj->bi", evecs, q) * null)
+    tol = 1e-13 * np.maximum(np.max(np.abs(diag), axis=1), np.max(np.abs(q), axis=1))[:, None]
+    lam = np.zeros_like(q)
+    active = np.zeros(q.shape, dtype=bool)
+    rows = np.arange(m)[None, :]
+    for _ in range(3 * m + 10):
+        A = np.where(active[:, :, None] & active[:, None, :], H, eye)
+        z = np.where(active, np.einsum("bij,bj->bi", np.linalg.pinv(A, hermitian=True), np.where(active, -q, 0.0)), 0.0)
+        feasible = np.all(~active | (z > 0), axis=1, keepdims=True)
+        # feasible: take z, add the most violated inactive constraint (if any)
+        w = -(np.einsum("bij,bj->bi", H, z) + q)
+        cand = np.where(active, -np.inf, w)
+        best = np.argmax(cand, axis=1)[:, None]
+        add = (rows == best) & (np.take_along_axis(cand, best, axis=1) > tol)
+        # infeasible: step from lam towards z until the first active multiplier hits 0
+        ratio = np.where(active & (z <= 0), lam / np.maximum(lam - z, 1e-300), np.inf)
+        alpha = np.clip(np.min(ratio, axis=1, keepdims=True), 0.0, 1.0)
+        back = lam + alpha * (z - lam)
+        lam = np.where(feasible, z, back)
+        active = np.where(feasible, active | add, active & (back > 0))
+        lam = np.where(active, lam, 0.0)
+    lam = np.where(live, np.maximum(lam, 0.0), 0.0)
+    finite = np.all(np.isfinite(q), axis=1) & np.all(np.all(np.isfinite(H), axis=2), axis=1)
+    return np.where(finite[:, None], lam, np.nan)
+
+
 def solve_nonneg_qp_batch(H: np.ndarray, q: np.ndarray, ref_norms2: np.ndarray) -> np.ndarray:
-    """Solve a batch: ``H`` (B, m, m), ``q`` (B, m), ``ref_norms2`` (B, m); closed form for m == 1."""
+    """Solve a batch: ``H`` (B, m, m), ``q`` (B, m), ``ref_norms2`` (B, m); closed form for m == 1.
+
+    Under ``torch.compile`` (Dynamo traces numpy as torch), several references go through
+    the branch-free solver, so the rule adds no graph break.
+    """
     H = np.asarray(H, dtype=np.float64)
     q = np.asarray(q, dtype=np.float64)
     if q.ndim != 2 or H.shape != q.shape + (q.shape[1],):
@@ -107,6 +156,8 @@ def solve_nonneg_qp_batch(H: np.ndarray, q: np.ndarray, ref_norms2: np.ndarray) 
         lam = np.where(live, np.maximum(-q[:, 0], 0.0) / np.where(live, h, 1.0), 0.0)
         lam = np.where(np.isfinite(q[:, 0]) & np.isfinite(h), lam, np.nan)
         return lam[:, None]
+    if torch.compiler.is_compiling():
+        return solve_nonneg_qp_branch_free(H, q, ref_norms2)
     out = np.zeros_like(q)
     with single_threaded_blas():
         for b in range(q.shape[0]):

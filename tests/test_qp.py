@@ -183,3 +183,25 @@ def test_dependent_references_with_float32_noise_stay_feasible():
         x_exact = h + R.T @ solve_nonneg_qp(H, q_exact, np.diag(H))
         assert np.all(R @ x >= -1e-5 * np.linalg.norm(h) * np.linalg.norm(R, axis=1))
         np.testing.assert_allclose(x, x_exact, atol=1e-5 * np.linalg.norm(h))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 12), n=st.integers(1, 16), batch=st.integers(1, 4))
+def test_branch_free_solver_matches_the_exact_one(seed, m, n, batch):
+    """The solver used under torch.compile gives the exact solver's projected vector."""
+    from gradsafe.qp import solve_nonneg_qp_branch_free
+
+    rng = np.random.default_rng(seed)
+    R = rng.standard_normal((batch, m, n)) * rng.uniform(0.1, 10.0, size=(batch, m, 1))
+    if m > 1:
+        R[:, 1] = R[:, 0]  # a duplicated reference: singular H
+    h = rng.standard_normal((batch, n))
+    H = np.einsum("bij,bkj->bik", R, R)
+    q = np.einsum("bij,bj->bi", R, h)
+    norms2 = np.diagonal(H, axis1=1, axis2=2).copy()
+    free = solve_nonneg_qp_branch_free(H, q, norms2)
+    for b in range(batch):
+        exact = solve_nonneg_qp(H[b], q[b], norms2[b])
+        x_exact, x_free = h[b] + R[b].T @ exact, h[b] + R[b].T @ free[b]
+        np.testing.assert_allclose(x_free, x_exact, atol=1e-7 * max(1.0, np.linalg.norm(h[b])))
+        assert np.all(free[b] >= 0)

@@ -83,8 +83,12 @@ def test_compiled_model_with_eager_step_matches_eager():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-WARMUP_KW = [dict(mode="conflict"), dict(mode="project", space="update", scope="tensor", damping=1.0)]
-WARMUP_IDS = ["conflict", "update-tensor-damping"]
+WARMUP_KW = [
+    dict(mode="conflict"),
+    dict(mode="project", space="update", scope="tensor", damping=1.0),
+    dict(mode="conflict", references="samples"),  # GEM: the branch-free dual solver
+]
+WARMUP_IDS = ["conflict", "update-tensor-damping", "gem"]
 
 
 def compiled_run_after_warmup(kw):
@@ -179,12 +183,6 @@ def test_compiled_step_with_a_refreshing_closure_objective():
     assert opt.gradsafe_steps == len(data)
 
 
-@pytest.mark.xfail(
-    reason="LIMITATION (documented in docs/integrations/compile.md): the exact QP (several references: references='samples' or several conflict "
-    "objectives) is an active-set loop with data-dependent branches on host numbers; each is a "
-    "graph break (qp.py). A branch-free device rule (fixed iteration count, torch.where) is needed",
-    strict=True,
-)
 def test_gem_rule_has_no_graph_break_in_gradsafe():
     model, opt, data = setup(mode="conflict", references="samples")
     x, y = data[0]
