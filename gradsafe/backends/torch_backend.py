@@ -1,7 +1,8 @@
 """The pure-torch backend: per-tensor BLAS matrix-vector products on k-major bases.
 
 Per covered tensor and objective, one ``mv`` (coefficients) and one in-place ``addmv_``
-(combine); damping is one ``_foreach_mul_``; the squared norms one ``_foreach_norm``. The
+(combine); damping is one ``_foreach_mul_``; each tensor's squared norm is a ``dot`` right
+after its first ``mv``, while the tensor is still in cache. The
 coefficients of all tensors land in one flat buffer that crosses to the host once per step;
 the weights come back in one transfer. Tensors that are not contiguous float32 are worked on
 in a float32 copy that is written back.
@@ -24,7 +25,7 @@ __all__ = ["TorchBackend"]
 class _Views:
     """Per-plan views, built once: (tensor position, rows, where its numbers go) per pass."""
 
-    coef: list[tuple[int, torch.Tensor, int]]
+    coef: list[tuple[int, torch.Tensor, int, bool]]  # ..., whether it is the tensor's first read
     apply: list[tuple[int, torch.Tensor, slice]]
 
 
@@ -32,10 +33,12 @@ def _views(plan: Plan) -> _Views:
     cached = plan.cache.get("torch")
     if cached is None:
         coef, apply = [], []
+        seen: set[int] = set()
         for b in plan.blocks:
             live = b.apply_rows()
             for t, (pos, sl) in enumerate(zip(b.positions, b.slices)):
-                coef.append((pos, b.rows[:, sl], b.coef_offset + t * b.num_rows))
+                coef.append((pos, b.rows[:, sl], b.coef_offset + t * b.num_rows, pos not in seen))
+                seen.add(pos)
                 if b.acts and live.stop > live.start:
                     offset = b.coef_offset + t * b.num_rows
                     apply.append((pos, b.rows[live, sl].T, slice(offset + live.start, offset + live.stop)))
@@ -65,10 +68,12 @@ class TorchBackend:
             torch._foreach_mul_([work[i] for i in damped], [plan.damp_factors[i] for i in damped])
 
         coefs = torch.empty(plan.coef_numel, dtype=torch.float32, device=plan.device)
-        for pos, rows, offset in views.coef:
-            torch.mv(rows, work[pos], out=coefs[offset : offset + rows.shape[0]])
-        norms = torch._foreach_norm(work)
-        torch.stack(norms, out=coefs[plan.norms_offset :]).square_()
+        norms = coefs[plan.norms_offset :]
+        for pos, rows, offset, first in views.coef:
+            h = work[pos]
+            torch.mv(rows, h, out=coefs[offset : offset + rows.shape[0]])
+            if first:  # |h|^2 right after the first read of h, while it is still in cache
+                torch.dot(h, h, out=norms[pos])
         host = coefs.cpu().numpy()  # the step's one device-to-host transfer
 
         weights = None
