@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gradsafe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train a small model on two tasks; show how much of task A is kept")
+    demo = sub.add_parser("demo", help="the study: forgetting and safety erosion, plain AdamW vs gradsafe's methods")
     from .experiments import demo as demo_mod
 
     demo_mod.add_arguments(demo)

@@ -1,9 +1,21 @@
-"""Two-task problems built on scikit-learn's 8x8 digits (shipped with scikit-learn; nothing is downloaded).
+"""Task sequences built on scikit-learn's 8x8 digits (shipped with scikit-learn; nothing is downloaded).
+
+Two tasks (``make_tasks``):
 
 - ``"permuted"`` (domain-incremental): task A is the digits, task B the same digits with a
   fixed random permutation of the 64 pixels; one shared 10-way head.
 - ``"split"`` (task-incremental): task A is digits 0-4, task B digits 5-9; one 5-way head
   per task on a shared trunk.
+
+Sequences of tasks (``make_sequence``), for the continual-learning study:
+
+- ``"permuted"`` (domain-incremental): task 1 is the digits, task t > 1 the digits with the
+  fixed pixel permutation number t - 1 (task 2 is ``make_tasks("permuted").b``); one shared
+  10-way head, the label is the digit.
+- ``"split-task"`` (task-incremental): five tasks of two digits each (0/1, 2/3, ...), one
+  2-way head per task; the task identity is given at test time.
+- ``"split-class"`` (class-incremental): the same five tasks, one shared 10-way head, and
+  no task identity: the model must tell every digit from every other.
 """
 
 from __future__ import annotations
@@ -23,6 +35,8 @@ __all__ = [
     "TwoTasks",
     "load_digits_tensors",
     "make_tasks",
+    "make_sequence",
+    "SEQUENCE_SETTINGS",
     "batch_order",
 ]
 
@@ -30,6 +44,7 @@ SPLIT_SEED = 0  # the train/test split is the same for every run seed
 PERMUTATION_SEED = 1234  # task B's pixel permutation is the same for every run seed
 TEST_FRACTION = 0.3
 SETTINGS = ("permuted", "split")
+SEQUENCE_SETTINGS = ("permuted", "split-task", "split-class")
 
 
 @dataclass(frozen=True)
@@ -114,6 +129,47 @@ def make_tasks(setting: str = "permuted") -> TwoTasks:
     a = Task("digits 0-4", xtr[lo_tr], ytr[lo_tr], xte[lo_te], yte[lo_te], head=0, classes=5)
     b = Task("digits 5-9", xtr[~lo_tr], ytr[~lo_tr] - 5, xte[~lo_te], yte[~lo_te] - 5, head=1, classes=5)
     return TwoTasks(setting, a, b, heads=2, classes=5)
+
+
+def make_sequence(setting: str = "permuted", n_tasks: int | None = None) -> tuple[list[Task], int, int]:
+    """The tasks of ``setting`` in order, the number of heads and the outputs per head.
+
+    ``n_tasks``: how many tasks (permuted: any number >= 2, default 4; split: 2 to 5, default 5).
+    """
+    if setting not in SEQUENCE_SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}; expected one of {SEQUENCE_SETTINGS}")
+    xtr, ytr, xte, yte = load_digits_tensors()
+    if setting == "permuted":
+        n = 4 if n_tasks is None else int(n_tasks)
+        if n < 2:
+            raise ValueError(f"n_tasks must be >= 2, got {n}")
+        tasks = [Task("digits", xtr, ytr, xte, yte, head=0, classes=10)]
+        for t in range(1, n):
+            perm = torch.from_numpy(np.random.default_rng(PERMUTATION_SEED + t - 1).permutation(xtr.shape[1]))
+            tasks.append(Task(f"permutation {t}", xtr[:, perm], ytr, xte[:, perm], yte, head=0, classes=10))
+        return tasks, 1, 10
+    n = 5 if n_tasks is None else int(n_tasks)
+    if not 2 <= n <= 5:
+        raise ValueError(f"split settings have 2 to 5 tasks, got {n}")
+    task_il = setting == "split-task"
+    tasks = []
+    for t in range(n):
+        lo = 2 * t
+        tr = (ytr == lo) | (ytr == lo + 1)
+        te = (yte == lo) | (yte == lo + 1)
+        shift = lo if task_il else 0
+        tasks.append(
+            Task(
+                f"digits {lo}/{lo + 1}",
+                xtr[tr],
+                ytr[tr] - shift,
+                xte[te],
+                yte[te] - shift,
+                head=t if task_il else 0,
+                classes=2 if task_il else 10,
+            )
+        )
+    return tasks, (n if task_il else 1), (2 if task_il else 10)
 
 
 def batch_order(n: int, batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
