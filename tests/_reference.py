@@ -119,3 +119,21 @@ def reference_grads(opt, grads: Sequence[torch.Tensor | None]) -> list[torch.Ten
     params = all_params(opt)
     x, _ = reference_flat(opt, grads)
     return [t.to(p.dtype) for t, p in zip(unflatten(x, params), params)]
+
+
+def step_capture(opt, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Assign ``grads`` (cloned, strides kept) and step; return the grads the base optimizer saw."""
+    params = all_params(opt)
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.clone()
+    seen = {}
+
+    def hook(optimizer, args, kwargs):
+        seen["grads"] = [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+    handle = opt.base_optimizer.register_step_pre_hook(hook)
+    try:
+        opt.step()
+    finally:
+        handle.remove()
+    return seen["grads"]

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from _reference import (
+    step_capture,
     all_params,
     constraint_rows,
     damping_multiplier,
@@ -57,22 +58,6 @@ def rand_grads(opt, gen):
     return [torch.randn(p.shape, generator=gen).to(p.dtype) for p in all_params(opt)]
 
 
-def step_capture(opt, grads):
-    """Assign ``grads`` (cloned, strides kept) and step; return the grads the base optimizer saw."""
-    params = all_params(opt)
-    for p, g in zip(params, grads):
-        p.grad = None if g is None else g.clone()
-    seen = {}
-
-    def hook(optimizer, args, kwargs):
-        seen["grads"] = [None if p.grad is None else p.grad.detach().clone() for p in params]
-
-    handle = opt.base_optimizer.register_step_pre_hook(hook)
-    try:
-        opt.step()
-    finally:
-        handle.remove()
-    return seen["grads"]
 
 
 def rel_err(actual, expected, grads, params):

@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _reference import all_params, constraint_rows, flatten, reference_flat, reference_grads  # noqa: E402
+from _reference import all_params, constraint_rows, flatten, reference_flat, reference_grads, step_capture  # noqa: E402
 from gradsafe import ProtectedOptimizer  # noqa: E402
 from gradsafe import kernels  # noqa: E402
 from gradsafe.backends import TorchBackend, get_backend  # noqa: E402
@@ -65,21 +65,6 @@ def rand_grads(opt, gen):
     return [torch.randn(p.shape, generator=gen).to(p.dtype).to(DEVICE) for p in all_params(opt)]
 
 
-def step_capture(opt, grads):
-    params = all_params(opt)
-    for p, g in zip(params, grads):
-        p.grad = None if g is None else g.clone()
-    seen = {}
-
-    def hook(optimizer, args, kwargs):
-        seen["grads"] = [None if p.grad is None else p.grad.detach().clone() for p in params]
-
-    handle = opt.base_optimizer.register_step_pre_hook(hook)
-    try:
-        opt.step()
-    finally:
-        handle.remove()
-    return seen["grads"]
 
 
 def rel(actual, expected, grads, params):
