@@ -384,8 +384,9 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         """
         if isinstance(record.coefs, np.ndarray) and not record.coefs[plan.norms_offset :].any():
             return
-        fisher_step = self._fisher_step(plan, tensors) if tensors is not None else {}
-        self._last = _LastStep(plan, record, self._step_scale(plan), fisher_step)
+        step_scale = self._step_scale(plan)
+        fisher_step = self._fisher_step(plan, tensors, step_scale) if tensors is not None else {}
+        self._last = _LastStep(plan, record, step_scale, fisher_step)
         self._report_cache = None
         self.gradsafe_steps += 1
         if any(o.had_closure for o in self._objectives.values()):
@@ -436,11 +437,10 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         lrs = [float(g["lr"]) if "lr" in g else 1.0 for g in self.base_optimizer.param_groups for _ in g["params"]]
         return np.array([lrs[i] for i in plan.param_indices])
 
-    def _fisher_step(self, plan: Plan, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _fisher_step(self, plan: Plan, tensors: list[torch.Tensor], scale: np.ndarray) -> dict[str, torch.Tensor]:
         """``sum F (delta theta)^2`` per objective, on the device (only with ``fisher_metrics``)."""
         if not self.fisher_metrics:
             return {}
-        scale = self._step_scale(plan)
         out = {}
         for b in plan.blocks:
             fisher = b.objective.fisher
