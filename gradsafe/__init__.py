@@ -1,5 +1,6 @@
 """gradsafe: protect what a model already knows while it trains on something new."""
 
+from .activations import ActivationBases, collect_activation_bases
 from .collect import collect_gradients
 from .monitor import GradientMonitor, JsonlSink, LoggingSink, TensorBoardSink
 from .objective import ObjectiveConfig, ProtectedObjective
@@ -10,6 +11,8 @@ __all__ = [
     "ProtectedObjective",
     "ObjectiveConfig",
     "collect_gradients",
+    "collect_activation_bases",
+    "ActivationBases",
     "GradientMonitor",
     "JsonlSink",
     "TensorBoardSink",

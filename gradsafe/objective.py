@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .factored import SIDES, FactorMemory, matrix_shape, merge_factors
 from .fisher import empirical_fisher, online_fisher
 from .subspace import merge_basis
 
@@ -23,7 +24,7 @@ __all__ = [
 ]
 
 MODES = ("project", "conflict", "observe")
-SCOPES = ("global", "tensor")
+SCOPES = ("global", "tensor", "factored")
 REFERENCES = ("mean", "samples")
 
 Sample = Sequence["torch.Tensor | None"]
@@ -42,6 +43,8 @@ class ObjectiveConfig:
     refresh_every: int | str | None = None
     energy: float = 1.0
     fisher_decay: float = 0.5
+    sides: str = "both"
+    memory_budget: int | float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -69,6 +72,21 @@ class ObjectiveConfig:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
         if not 0.0 <= self.fisher_decay < 1.0:
             raise ValueError(f"fisher_decay must be in [0, 1), got {self.fisher_decay}")
+        if self.sides not in SIDES:
+            raise ValueError(f"unknown sides {self.sides!r}; expected one of {SIDES}")
+        if self.scope == "factored" and self.mode == "conflict" and self.references == "samples":
+            raise ValueError(
+                "scope='factored' keeps one (projected) mean reference per objective; "
+                "references='samples' needs scope 'global' or 'tensor'"
+            )
+        budget = self.memory_budget
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+                raise TypeError(f"memory_budget must be bytes (int), a fraction (float) or None, got {budget!r}")
+            if isinstance(budget, int) and budget < 1:
+                raise ValueError(f"memory_budget in bytes must be >= 1, got {budget}")
+            if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+                raise ValueError(f"memory_budget as a fraction of the parameters' bytes must be in (0, 1], got {budget}")
 
     @property
     def acts(self) -> bool:
@@ -200,6 +218,19 @@ class ProtectedObjective:
         self.numels = tuple(math.prod(s) for s in self.shapes)
         self.offsets = tuple(sum(self.numels[:i]) for i in range(len(self.numels)))
         self.closure = closure
+        # scope "factored": matrices (2-D and up) get factored memory, keyed by their index
+        # in the coverage; the rest (biases, norms) keep flat per-tensor rows
+        if config.scope == "factored":
+            self.flat_index = tuple(t for t, s in enumerate(self.shapes) if len(s) < 2)
+        else:
+            self.flat_index = tuple(range(len(self.shapes)))
+        flat_numels = [self.numels[t] for t in self.flat_index]
+        self.flat_offsets = tuple(sum(flat_numels[:i]) for i in range(len(flat_numels)))
+        self.flat_numel = sum(flat_numels)
+        self.factors: dict[int, FactorMemory] = {}
+        self.fixed_factors: set[int] = set()  # factors given as bases, not learnt from samples
+        self.param_bytes = 4 * self.numel  # the covered parameters' own bytes (set by the optimizer)
+        self.keeps_fisher = config.scope != "factored" or config.damping > 0
         self.basis: torch.Tensor | None = None
         self.energies: torch.Tensor | None = None
         self.mean_ref: torch.Tensor | None = None
@@ -228,7 +259,19 @@ class ProtectedObjective:
         return self.closure is not None
 
     def slices(self) -> list[slice]:
+        """Each covered tensor's columns in packed samples (and in the Fisher)."""
         return [slice(o, o + n) for o, n in zip(self.offsets, self.numels)]
+
+    def flat_slices(self) -> list[slice]:
+        """Each flat-memory tensor's columns in the row storage (``flat_index`` order)."""
+        return [slice(o, o + self.numels[t]) for o, t in zip(self.flat_offsets, self.flat_index)]
+
+    def flat_part(self, S: torch.Tensor) -> torch.Tensor:
+        """The columns of packed samples ``S`` that flat memory covers."""
+        if len(self.flat_index) == len(self.shapes):
+            return S
+        sl = self.slices()
+        return torch.cat([S[:, sl[t]] for t in self.flat_index], dim=1) if self.flat_index else S[:, :0]
 
     def __repr__(self) -> str:
         c = self.config
@@ -241,50 +284,75 @@ class ProtectedObjective:
     # ------------------------------------------------------------------ memory updates
     def _merge(self, S: torch.Tensor, fresh: bool) -> None:
         cfg = self.config
-        N = self.numel
+        prev_count = 0 if fresh else self.num_samples
+        if cfg.scope == "factored":
+            sl = self.slices()
+            for t, shape in enumerate(self.shapes):
+                if t in self.flat_index:
+                    continue
+                m, n = matrix_shape(shape)
+                samples = S[:, sl[t]].reshape(S.shape[0], m, n)
+                if t in self.fixed_factors:  # given bases (activations): only the reference moves
+                    self.factors[t] = self.factors[t].with_mean(samples, prev_count)
+                    continue
+                self.factors[t] = merge_factors(
+                    None if fresh else self.factors.get(t),
+                    samples,
+                    sides=cfg.sides,
+                    rank=cfg.rank,
+                    energy=cfg.energy,
+                    prev_count=prev_count,
+                )
+        F = self.flat_part(S)
+        N = self.flat_numel
         if self.basis is None or fresh:
-            basis = S.new_zeros(0, N)
-            energies = S.new_zeros(0) if cfg.scope == "global" else S.new_zeros(len(self.coverage), 0)
+            basis = F.new_zeros(0, N)
+            energies = F.new_zeros(0) if cfg.scope == "global" else F.new_zeros(len(self.flat_index), 0)
         else:
             basis, energies = self.basis, self.energies
         if cfg.scope == "global":
             keep = energies > 0
-            new_b, new_e = merge_basis(basis[keep], energies[keep], S, rank=cfg.rank, energy=cfg.energy)
-            self.basis = S.new_zeros(max(1, new_b.shape[0]), N)
+            new_b, new_e = merge_basis(basis[keep], energies[keep], F, rank=cfg.rank, energy=cfg.energy)
+            self.basis = F.new_zeros(max(1, new_b.shape[0]), N)
             self.basis[: new_b.shape[0]] = new_b
-            self.energies = S.new_zeros(self.basis.shape[0])
+            self.energies = F.new_zeros(self.basis.shape[0])
             self.energies[: new_e.shape[0]] = new_e
         else:
             parts = []
-            for t, sl in enumerate(self.slices()):
+            for t, sl in enumerate(self.flat_slices()):
                 e_t = energies[t] if energies.shape[1] else energies.new_zeros(0)
                 keep = e_t > 0
                 parts.append(
                     merge_basis(
-                        basis[: e_t.shape[0], sl][keep], e_t[keep], S[:, sl], rank=cfg.rank, energy=cfg.energy
+                        basis[: e_t.shape[0], sl][keep], e_t[keep], F[:, sl], rank=cfg.rank, energy=cfg.energy
                     )
                 )
-            k = max(1, max(b.shape[0] for b, _ in parts))
-            self.basis = S.new_zeros(k, N)
-            self.energies = S.new_zeros(len(parts), k)
-            for t, (sl, (b, e)) in enumerate(zip(self.slices(), parts)):
+            k = max([1] + [b.shape[0] for b, _ in parts])
+            self.basis = F.new_zeros(k, N)
+            self.energies = F.new_zeros(len(parts), k)
+            for t, (sl, (b, e)) in enumerate(zip(self.flat_slices(), parts)):
                 self.basis[: b.shape[0], sl] = b
                 self.energies[t, : e.shape[0]] = e
 
-        m = S.shape[0]
+        m = F.shape[0]
         if self.mean_ref is None or fresh:
-            mean_ref = S.mean(dim=0)
+            mean_ref = F.mean(dim=0)
             self.num_samples = m
         else:
             total = self.num_samples + m
-            mean_ref = self.mean_ref * (self.num_samples / total) + S.sum(dim=0) / total
+            mean_ref = self.mean_ref * (self.num_samples / total) + F.sum(dim=0) / total
             self.num_samples = total
         sample_refs = None
         if cfg.references == "samples":
-            prev = self.sample_refs if (self.sample_refs is not None and not fresh) else S.new_zeros(0, N)
-            sample_refs = torch.cat([prev, S])[-cfg.rank :]
+            prev = self.sample_refs if (self.sample_refs is not None and not fresh) else F.new_zeros(0, N)
+            sample_refs = torch.cat([prev, F])[-cfg.rank :]
         self._pack(self.basis, mean_ref, sample_refs)
-        self.fisher = online_fisher(self.fisher, empirical_fisher(S), cfg.fisher_decay)
+        if self.keeps_fisher:
+            self.fisher = online_fisher(self.fisher, empirical_fisher(S), cfg.fisher_decay)
+        if cfg.memory_budget is not None:
+            from .memory import apply_budget
+
+            apply_budget(self)
         self.version += 1
 
     def _pack(self, basis: torch.Tensor, mean_ref: torch.Tensor, sample_refs: torch.Tensor | None) -> None:
@@ -300,6 +368,35 @@ class ProtectedObjective:
         self.basis = storage[:k]
         self.mean_ref = storage[k]
         self.sample_refs = storage[k + 1 :] if sample_refs is not None else None
+
+    def set_bases(self, factors: dict[int, FactorMemory]) -> None:
+        """Start a factored objective from given bases (``t`` = index in the coverage), no samples.
+
+        The flat part (1-D tensors) starts empty; gradient samples merged later give the
+        references and the Fisher, and the flat part's bases, but leave these bases as they are.
+        """
+        if self.config.scope != "factored":
+            raise ValueError("bases can be given only to scope='factored' objectives")
+        for t, fm in factors.items():
+            if t in self.flat_index:
+                raise ValueError(f"objective {self.name!r}: parameter {self.coverage[t]} is 1-D; it has no factored basis")
+            if fm.shape != matrix_shape(self.shapes[t]):
+                raise ValueError(f"objective {self.name!r}: basis for parameter {self.coverage[t]} is for a {fm.shape} matrix, "
+                                 f"the parameter is viewed as {matrix_shape(self.shapes[t])}")
+        self.factors = dict(factors)
+        self.fixed_factors = set(factors)
+        device = next(iter(factors.values())).left.device if factors else torch.device("cpu")
+        N = self.flat_numel
+        self.energies = torch.zeros(len(self.flat_index), 1, device=device)
+        self._pack(torch.zeros(1, N, device=device), torch.zeros(N, device=device), None)
+        if self.keeps_fisher:
+            self.fisher = torch.zeros(self.numel, device=device)
+        self.num_samples = 0
+        if self.config.memory_budget is not None:
+            from .memory import apply_budget
+
+            apply_budget(self)
+        self.version += 1
 
     def add_samples(self, S: torch.Tensor) -> None:
         """Merge packed samples ``S`` (m, N) into the memory (basis union, running mean, online Fisher)."""
@@ -353,6 +450,9 @@ class ProtectedObjective:
             "loss_at_refresh": self.loss_at_refresh,
             "predicted_since_refresh": self.predicted_since_refresh,
             "staleness": self.staleness,
+            "factors": {str(t): fm.state_dict() for t, fm in self.factors.items()},
+            "fixed_factors": sorted(self.fixed_factors),
+            "param_bytes": self.param_bytes,
         }
 
     @classmethod
@@ -375,5 +475,8 @@ class ProtectedObjective:
         obj.loss_at_refresh = state["loss_at_refresh"]
         obj.predicted_since_refresh = float(state["predicted_since_refresh"])
         obj.staleness = state["staleness"]
+        obj.factors = {int(t): FactorMemory.from_state_dict(f, device) for t, f in state.get("factors", {}).items()}
+        obj.fixed_factors = set(state.get("fixed_factors", []))
+        obj.param_bytes = int(state.get("param_bytes", obj.param_bytes))
         obj.version = 1
         return obj

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import sys
 import types
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
 
+from .activations import ActivationBases
 from .backends import Backend, StepRecord, get_backend
+from .factored import FactorMemory, matrix_shape
+from .factored import from_bases as factor_from_bases
 from .objective import ObjectiveConfig, ProtectedObjective, normalize_samples, pack_samples
+from .memory import MemoryReport, memory_rows
 from .plan import Plan, build_plan
 from .refresh import STALE, closure_gradient, closure_loss, is_due, staleness
 from .report import step_report
@@ -45,8 +50,11 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         protected_grads: name -> gradient sample(s) (sequences of tensors aligned with the
             optimizer's parameters in ``param_groups`` order, ``None`` for a parameter the
             objective does not cover) or a closure returning the protected loss.
-        mode, rank, scope, strength, damping, references, refresh_every, energy, fisher_decay:
-            defaults for every objective (see ``protect``).
+        mode, rank, scope, strength, damping, references, refresh_every, energy, fisher_decay,
+        sides, memory_budget: defaults for every objective (see ``protect`` and
+            ``ObjectiveConfig``); scope "factored" keeps left/right bases per weight matrix,
+            ``sides`` which of them, ``memory_budget`` bytes (int) or a fraction of the
+            covered parameters' bytes (float) that the objective's memory must fit.
         space: "grad" (change ``p.grad`` before the base step) or "update" (let the base step
             run, then change the parameter update it made).
         backend: "torch", "triton", "auto", a backend object (e.g. ``TritonBackend(basis_dtype=
@@ -75,6 +83,8 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         references: str = "mean",
         energy: float = 1.0,
         fisher_decay: float = 0.5,
+        sides: str = "both",
+        memory_budget: int | float | None = None,
         per_tensor: bool = False,
         fisher_metrics: bool = False,
         auto_check_every: int = 10,
@@ -102,6 +112,8 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             refresh_every=refresh_every,
             energy=energy,
             fisher_decay=fisher_decay,
+            sides=sides,
+            memory_budget=memory_budget,
         )
         self.backend_name = backend
         self._backend: Backend = get_backend(backend)
@@ -188,6 +200,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         grads: Any = None,
         *,
         closure: Closure | None = None,
+        bases: "ActivationBases | None" = None,
         mode: str | None = None,
         rank: int | None = None,
         scope: str | None = None,
@@ -197,13 +210,18 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         refresh_every: int | str | None = None,
         energy: float | None = None,
         fisher_decay: float | None = None,
+        sides: str | None = None,
+        memory_budget: int | float | None = None,
     ) -> ProtectedObjective:
         """Register a protected objective from gradient samples or from a closure.
 
         ``grads``: one sample (tensors aligned with the parameters, None where not covered)
         or a sequence of samples. ``closure``: returns the protected loss; its gradient is
         computed now, and again every ``refresh_every`` steps if given (``"auto"``: when the
-        loss leaves the first-order prediction). Unset options take the wrapper's defaults.
+        loss leaves the first-order prediction). ``bases``: factored bases given up front
+        (``gradsafe.collect_activation_bases``: GPM's representation bases; the scope is then
+        "factored"); with them, samples or a closure are optional and give the references,
+        the Fisher and the 1-D tensors' bases. Unset options take the wrapper's defaults.
         """
         if not isinstance(name, str):
             raise TypeError(f"objective name must be a string, got {type(name).__name__}")
@@ -213,8 +231,8 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"an objective named {name!r} is already protected; unprotect it first")
         if grads is not None and closure is not None:
             raise ValueError(f"give either grads or closure for {name!r}, not both")
-        if grads is None and closure is None:
-            raise ValueError(f"objective {name!r} needs gradient samples or a closure")
+        if grads is None and closure is None and bases is None:
+            raise ValueError(f"objective {name!r} needs gradient samples, a closure or bases")
         if closure is not None and not callable(closure):
             raise TypeError(f"closure for {name!r} must be callable")
         overrides = {
@@ -229,20 +247,42 @@ class ProtectedOptimizer(torch.optim.Optimizer):
                 refresh_every=refresh_every,
                 energy=energy,
                 fisher_decay=fisher_decay,
+                sides=sides,
+                memory_budget=memory_budget,
             ).items()
             if v is not None
         }
+        if bases is not None:
+            if overrides.get("scope", "factored") != "factored":
+                raise ValueError(f"bases are factored (left/right per weight); objective {name!r} asked for scope {scope!r}")
+            overrides["scope"] = "factored"
         config = replace(self.default_config, **overrides)
         params = self._params()
         loss = None
+        samples = None
         if closure is not None:
             loss, sample = closure_gradient(name, closure, params)
             samples = [sample]
-        else:
+        elif grads is not None:
             samples = normalize_samples(grads, name)
-        coverage, S = pack_samples(samples, params, name)
-        obj = ProtectedObjective(name, config, coverage, [params[i].shape for i in coverage], closure=closure)
-        obj.add_samples(S)
+        if bases is None:
+            coverage, S = pack_samples(samples, params, name)
+            obj = ProtectedObjective(name, config, coverage, [params[i].shape for i in coverage], closure=closure)
+            obj.param_bytes = sum(params[i].numel() * params[i].element_size() for i in coverage)
+        else:
+            if config.mode == "conflict" and samples is None:
+                raise ValueError(f"objective {name!r} in mode 'conflict' needs gradient samples or a closure (its reference)")
+            given = _bases_by_index(bases, params, name)
+            cov = set(given)
+            if samples is not None:
+                cov |= set(pack_samples(samples, params, name)[0])
+            coverage = tuple(sorted(cov))
+            obj = ProtectedObjective(name, config, coverage, [params[i].shape for i in coverage], closure=closure)
+            obj.param_bytes = sum(params[i].numel() * params[i].element_size() for i in coverage)
+            obj.set_bases({coverage.index(i): fm for i, fm in given.items()})
+            S = None if samples is None else pack_samples(samples, params, name, coverage=coverage, allow_zero=True)[1]
+        if S is not None:
+            obj.add_samples(S)
         obj.last_refresh_step = obj.last_check_step = self.gradsafe_steps
         obj.loss_at_refresh = loss
         self._objectives[name] = obj
@@ -443,12 +483,17 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             return {}
         out = {}
         for b in plan.blocks:
-            fisher = b.objective.fisher
+            obj = b.objective
+            if obj.fisher is None:  # factored objectives without damping keep no Fisher
+                continue
+            cols = obj.slices()
             parts = [
-                (fisher[sl] * tensors[p].detach().reshape(-1).float().square()).sum() * float(scale[p]) ** 2
-                for p, sl in zip(b.positions, b.slices)
+                (obj.fisher[cols[obj.coverage.index(plan.param_indices[p])]] * tensors[p].detach().reshape(-1).float().square()).sum()
+                * float(scale[p]) ** 2
+                for p in b.positions
             ]
-            out[b.objective.name] = torch.stack(parts).sum()
+            total = torch.stack(parts).sum()
+            out[obj.name] = out[obj.name] + total if obj.name in out else total
         return out
 
     @property
@@ -497,6 +542,29 @@ class ProtectedOptimizer(torch.optim.Optimizer):
 
     def remove_sink(self, sink: Sink) -> None:
         self._sinks = [(s, e) for s, e in self._sinks if s is not sink]
+
+    def memory_report(
+        self, model: torch.nn.Module | None = None, *, file: TextIO | None = None, quiet: bool = False
+    ) -> MemoryReport:
+        """Bytes of every objective's memory (bases, references, Fisher) per covered parameter.
+
+        Printed as a table to ``file`` (default: standard output) unless ``quiet``; returned
+        either way. ``model``: names the parameters by ``model.named_parameters()``; without
+        it they are ``param <index>``.
+        """
+        params = self._params()
+        names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+        rows = []
+        for obj in self._objectives.values():
+            rows += memory_rows(
+                obj,
+                [names.get(id(params[i]), f"param {i}") for i in obj.coverage],
+                [params[i].element_size() for i in obj.coverage],
+            )
+        report = MemoryReport(rows, sum(p.numel() * p.element_size() for p in params))
+        if not quiet:
+            print(report, file=file if file is not None else sys.stdout)
+        return report
 
     # ------------------------------------------------------------------ state
     def gradsafe_state_dict(self) -> dict[str, Any]:
@@ -578,6 +646,27 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             self.load_gradsafe_state_dict(saved)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+
+def _bases_by_index(bases: Any, params: list[torch.Tensor], name: str) -> dict[int, FactorMemory]:
+    """Map ``ActivationBases`` (parameter -> basis) onto the optimizer's parameter indices."""
+    if not isinstance(bases, ActivationBases):
+        raise TypeError(f"bases for {name!r} must be an ActivationBases (gradsafe.collect_activation_bases), got {type(bases).__name__}")
+    index = {id(p): i for i, p in enumerate(params)}
+    out = {}
+    for p in bases:
+        if id(p) not in index:
+            raise ValueError(f"bases for {name!r} include {bases.names[id(p)]}, which is not among the optimizer's parameters")
+        b = bases[p]
+        shape = matrix_shape(p.shape)
+        left = b.rows if b.side == "left" else None
+        right = b.rows if b.side == "right" else None
+        le = b.energies if b.side == "left" else None
+        re = b.energies if b.side == "right" else None
+        out[index[id(p)]] = factor_from_bases(shape, left, le, right, re, None, p.device)
+    if not out:
+        raise ValueError(f"bases for {name!r} are empty")
+    return out
 
 
 def _check_grad(g: torch.Tensor, index: int) -> torch.Tensor:

@@ -9,7 +9,9 @@ to run a step without looking at objectives again:
   then one ``||h_t||^2`` per covered tensor) and of the weights it reads back (the same
   per-block matrices);
 - the per-tensor damping factors ``1 / (1 + sum_o lam_o F_hat_o)``;
-- the host rule (``gradsafe.rule.HostRule``), with its Gram matrices precomputed.
+- the host rule (``gradsafe.rule.HostRule``), with its Gram matrices precomputed;
+- the factored operators (``gradsafe.factored.FactorOp``), one per matrix that a
+  factored project objective covers, applied before the rule (docs/math.md section 7).
 
 Kernels know nothing of objectives: a backend reads only this.
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .factored import NUM_STATS, FactorOp, FactorStat, LowRankRow, side_kinv
 from .objective import ProtectedObjective
 from .rule import HostRule
 from .surgery import normalize_fisher
@@ -30,21 +33,46 @@ __all__ = ["Block", "Plan", "build_plan"]
 
 @dataclass
 class Block:
-    """One objective's part of the step."""
+    """One objective's part of the step.
+
+    ``kind`` "flat": dense rows over flat memory (``rows[:, slices[t]]`` per tensor).
+    ``kind`` "factored": the matrices of a factored objective; in conflict mode its one row
+    (the projected mean reference) is a ``LowRankRow`` per matrix (dense on 1-D tensors);
+    in project / observe mode the factored operator stage acts, and the block's
+    ``NUM_STATS`` coefficients per tensor are the statistics that stage writes.
+    """
 
     objective: ProtectedObjective
-    rows: torch.Tensor  # (r, N) float32 direction rows over the objective's coverage
+    rows: torch.Tensor | None  # (r, N_flat) float32 direction rows over the objective's flat memory
     n_basis: int
     n_mean: int
     n_refs: int
     positions: list[int]  # plan tensor positions, in the objective's coverage order
-    slices: list[slice]  # each covered tensor's columns in ``rows``
+    slices: list[slice | None]  # each covered tensor's columns in ``rows`` (None: a matrix)
     coef_offset: int  # start of this block's (T_b, r_b) matrix in the flat coefficients
     acts: bool  # whether the rule gives it non-zero weights
+    kind: str = "flat"
+    operands: list | None = None  # per tensor, "factored" blocks: a LowRankRow or dense rows
+    n_stats: int = 0  # "factored" project/observe blocks: coefficients per tensor
 
     @property
     def num_rows(self) -> int:
-        return self.rows.shape[0]
+        if self.n_stats:
+            return self.n_stats
+        return self.rows.shape[0] if self.operands is None else 1
+
+    def operand(self, t: int) -> "torch.Tensor | LowRankRow":
+        """All of the block's rows on its ``t``-th tensor: dense ``(r, n_t)`` or a ``LowRankRow``."""
+        if self.operands is not None:
+            return self.operands[t]
+        return self.rows[:, self.slices[t]]
+
+    def mean_operand(self, t: int) -> "torch.Tensor | LowRankRow":
+        """The mean reference on the ``t``-th tensor: dense ``(1, n_t)`` or a ``LowRankRow``."""
+        if self.operands is not None:
+            op = self.operands[t]
+            return op if isinstance(op, LowRankRow) else op[self.mean_row() : self.mean_row() + 1]
+        return self.rows[self.mean_row() : self.mean_row() + 1, self.slices[t]]
 
     @property
     def num_tensors(self) -> int:
@@ -56,7 +84,11 @@ class Block:
 
     @property
     def scope(self) -> str:
-        return self.objective.config.scope
+        """How the rule treats the block: "global" (one instance over its tensors) or "tensor"."""
+        scope = self.objective.config.scope
+        if scope == "factored":  # one conflict constraint over all tensors; flat bases per tensor
+            return "global" if self.kind == "factored" else "tensor"
+        return scope
 
     @property
     def mode(self) -> str:
@@ -64,6 +96,8 @@ class Block:
 
     def apply_rows(self) -> slice:
         """The contiguous rows that can get non-zero weights (the apply pass reads only these)."""
+        if self.n_stats:
+            return slice(0, 0)
         if self.mode == "conflict":
             return slice(1, self.num_rows) if self.n_refs else slice(0, 1)
         return slice(0, self.n_basis) if self.acts else slice(0, 0)
@@ -73,6 +107,11 @@ class Block:
 
     def mean_row(self) -> int:
         return self.n_basis
+
+    @property
+    def stats_block(self) -> bool:
+        """Whether the block's coefficients are the factored stage's statistics."""
+        return self.n_stats > 0
 
     def constraint_rows(self) -> list[int]:
         """Rows that are conflict constraints (empty unless mode == "conflict")."""
@@ -95,6 +134,7 @@ class Plan:
     norms_offset: int  # where the T squared norms start in the flat coefficients
     rule: HostRule
     device: torch.device
+    factor_ops: list[FactorOp] = field(default_factory=list)
     versions: tuple[int, ...] = field(default_factory=tuple)
     active: frozenset[int] = frozenset()
     cache: dict = field(default_factory=dict)  # backends keep per-plan views and uploads here
@@ -106,6 +146,11 @@ class Plan:
     @property
     def weight_numel(self) -> int:
         return self.norms_offset
+
+    @property
+    def has_factored(self) -> bool:
+        """Whether the plan has factored parts (operators or low-rank rows): torch backend only."""
+        return bool(self.factor_ops) or any(b.kind == "factored" for b in self.blocks)
 
 
 def build_plan(
@@ -128,30 +173,39 @@ def build_plan(
     device = devices.pop() if devices else torch.device("cpu")
 
     blocks: list[Block] = []
-    touching: list[list[tuple[int, slice]]] = [[] for _ in covered]
+    touching: list[list[tuple[int, slice | None]]] = [[] for _ in covered]
     offset = 0
-    for obj in objectives:
-        rows, n_basis, n_mean, n_refs = obj.direction_rows()
-        kept = [(pos_of[i], sl) for i, sl in zip(obj.coverage, obj.slices()) if i in active]
-        if not kept:
-            continue
-        block = Block(
-            objective=obj,
-            rows=rows,
-            n_basis=n_basis,
-            n_mean=n_mean,
-            n_refs=n_refs,
-            positions=[p for p, _ in kept],
-            slices=[sl for _, sl in kept],
-            coef_offset=offset,
-            acts=obj.config.acts,
-        )
+
+    def add(block: Block) -> None:
+        nonlocal offset
+        block.coef_offset = offset
         for pos, sl in zip(block.positions, block.slices):
             touching[pos].append((len(blocks), sl))
         offset += block.coef_numel
         blocks.append(block)
+
+    for obj in objectives:
+        rows, n_basis, n_mean, n_refs = obj.direction_rows()
+        flat = [(pos_of[obj.coverage[t]], sl) for t, sl in zip(obj.flat_index, obj.flat_slices()) if obj.coverage[t] in active]
+        mats = [(pos_of[obj.coverage[t]], t) for t in sorted(obj.factors) if obj.coverage[t] in active]
+        base = dict(objective=obj, n_basis=n_basis, n_mean=n_mean, n_refs=n_refs, coef_offset=0, acts=obj.config.acts)
+        if obj.config.scope == "factored" and obj.config.mode == "conflict":
+            if flat or mats:  # one constraint over the dense 1-D parts and the low-rank matrix parts
+                add(Block(rows=rows, positions=[p for p, _ in flat] + [p for p, _ in mats],
+                          slices=[sl for _, sl in flat] + [None] * len(mats), kind="factored",
+                          operands=[rows[:, sl] for _, sl in flat] + [obj.factors[t].reference_row() for _, t in mats],
+                          **base))
+            continue
+        if flat:
+            add(Block(rows=rows, positions=[p for p, _ in flat], slices=[sl for _, sl in flat], **base))
+        if mats:
+            add(Block(rows=None, positions=[p for p, _ in mats], slices=[None] * len(mats), kind="factored",
+                      operands=[obj.factors[t].reference_row() for _, t in mats], n_stats=NUM_STATS,
+                      **{**base, "acts": False}))
     norms_offset = offset
     coef_numel = offset + len(covered)
+    factor_ops = _factor_ops(blocks, covered, norms_offset)
+    coef_numel += len(factor_ops)
 
     damp_excess: list[torch.Tensor | None] = [None] * len(covered)
     for obj in objectives:
@@ -169,6 +223,7 @@ def build_plan(
 
     rule = HostRule(blocks, touching)
     return Plan(
+        factor_ops=factor_ops,
         param_indices=covered,
         blocks=blocks,
         touching=touching,
@@ -180,3 +235,53 @@ def build_plan(
         versions=tuple(o.version for o in objectives),
         active=frozenset(active),
     )
+
+
+def _factor_ops(blocks: list[Block], covered: list[int], norms_offset: int) -> list[FactorOp]:
+    """One ``FactorOp`` per matrix that a factored project / observe block covers."""
+    by_pos: dict[int, list[tuple[Block, int]]] = {}
+    for b in blocks:
+        if b.stats_block:
+            for t, p in enumerate(b.positions):
+                by_pos.setdefault(p, []).append((b, t))
+    ops = []
+    for p in sorted(by_pos):
+        stats, lefts, ls, rights, rs = [], [], [], [], []
+        for b, t in by_pos[p]:
+            obj = b.objective
+            mem = obj.factors[_coverage_index(obj, covered[p])]
+            acting = obj.config.mode == "project" and obj.config.strength > 0
+            lrows = rrows = None
+            if acting and mem.rank_left:
+                start = sum(x.shape[0] for x in lefts)
+                lefts.append(mem.left)
+                ls.append(float(obj.config.strength))
+                lrows = slice(start, start + mem.rank_left)
+            if acting and mem.rank_right:
+                start = sum(x.shape[0] for x in rights)
+                rights.append(mem.right)
+                rs.append(float(obj.config.strength))
+                rrows = slice(start, start + mem.rank_right)
+            stats.append(FactorStat(mem, b.coef_offset + t * b.num_rows, lrows, rrows))
+        shape = mem.shape
+        ops.append(
+            FactorOp(
+                position=p,
+                shape=shape,
+                left=torch.cat(lefts).contiguous() if lefts else None,
+                left_kinv=side_kinv(lefts, ls) if lefts else None,
+                right=torch.cat(rights).contiguous() if rights else None,
+                right_kinv=side_kinv(rights, rs) if rights else None,
+                stats=stats,
+                norm_offset=norms_offset + p,
+                removed_offset=0,
+            )
+        )
+    base = norms_offset + len(covered)
+    for j, op in enumerate(ops):
+        op.removed_offset = base + j
+    return ops
+
+
+def _coverage_index(obj: ProtectedObjective, param_index: int) -> int:
+    return obj.coverage.index(param_index)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .factored import STAT_BOTH, STAT_DOT, STAT_DOT_AFTER, STAT_LEFT, STAT_RIGHT, LowRankRow, operand_gram
 from .plan import Plan
 
 __all__ = ["STATS", "PER_TENSOR_STATS", "ReportConstants", "step_report"]
@@ -38,25 +39,26 @@ class ReportConstants:
         rule = plan.rule
         mean_norm2, constraint_pinv, cross = [], [], []
         for bi, b in enumerate(plan.blocks):
-            mean = b.rows[b.mean_row()].double()
-            mean_norm2.append(np.array([float(mean[sl] @ mean[sl]) for sl in b.slices]))
+            means = [b.mean_operand(t) for t in range(b.num_tensors)]
+            mean_norm2.append(np.array([float(operand_gram([m])[0, 0]) for m in means]))
             cons = b.constraint_rows()
             if cons:
-                Rc = b.rows[cons].double()
-                if b.scope == "global":
-                    grams = np.stack([sum(((Rc[:, sl] @ Rc[:, sl].T) for sl in b.slices)).cpu().numpy()])
-                else:
-                    grams = np.stack([(Rc[:, sl] @ Rc[:, sl].T).cpu().numpy() for sl in b.slices])
+                grams = []
+                for t in range(b.num_tensors):
+                    op = b.operand(t)
+                    grams.append(operand_gram([op if isinstance(op, LowRankRow) else op[cons]]))
+                grams = np.stack([sum(grams)]) if b.scope == "global" else np.stack(grams)
                 constraint_pinv.append(np.linalg.pinv(grams, rcond=PINV_RTOL, hermitian=True))
             else:
                 constraint_pinv.append(None)
             per_tensor = []
-            for p, sl in zip(b.positions, b.slices):
-                parts = []
-                for bj, sl_j in plan.touching[p]:
-                    if bj in rule.local[p]:
-                        parts.append(plan.blocks[bj].rows[:, sl_j].double() @ mean[sl])
-                per_tensor.append(np.concatenate([x.cpu().numpy() for x in parts]) if parts else np.zeros(0))
+            for t, p in enumerate(b.positions):
+                acting = [plan.blocks[bj].operand(rule.local_index[(bj, p)]) for bj, _ in plan.touching[p] if bj in rule.local[p]]
+                if acting:
+                    G = operand_gram(acting + [means[t]])
+                    per_tensor.append(G[:-1, -1])
+                else:
+                    per_tensor.append(np.zeros(0))
             cross.append(per_tensor)
         consts = plan.cache["report"] = cls(mean_norm2, constraint_pinv, cross)
         return consts
@@ -74,6 +76,18 @@ def _tensor_weights(plan: Plan, weights: np.ndarray, p: int) -> np.ndarray:
     return w_p
 
 
+@dataclass
+class _Sums:
+    """An objective's raw sums over its blocks, from which its ratios follow."""
+
+    dot: float = 0.0
+    hh: float = 0.0
+    mean_norm2: float = 0.0
+    inside: float = 0.0
+    removed: float = 0.0
+    change: float = 0.0
+
+
 def step_report(
     plan: Plan,
     coefs: np.ndarray,
@@ -85,61 +99,79 @@ def step_report(
 
     ``step_scale`` (one per plan position): the factor from the vector handed on, x, to the
     parameter change, ``delta theta = -step_scale * x`` (the learning rate in space "grad",
-    1 in space "update").
+    1 in space "update"). An objective with several blocks (a factored objective's matrices
+    and its 1-D tensors) sums their parts before taking ratios.
     """
     consts = ReportConstants.of(plan)
     coefs = np.asarray(coefs, dtype=np.float64)
-    hh = coefs[plan.norms_offset :]
+    hh = coefs[plan.norms_offset : plan.norms_offset + plan.num_tensors]
     removed = np.zeros(len(hh))
+    for op in plan.factor_ops:
+        removed[op.position] += coefs[op.removed_offset]
     w_by_pos: dict[int, np.ndarray] = {}
     if weights is not None:
         weights = np.asarray(weights, dtype=np.float64)
         for p, gram in enumerate(plan.rule.tensor_grams):
             if gram.shape[0]:
                 w_by_pos[p] = _tensor_weights(plan, weights, p)
-                removed[p] = float(w_by_pos[p] @ gram @ w_by_pos[p])
+                removed[p] += float(w_by_pos[p] @ gram @ w_by_pos[p])
 
-    out: dict[str, dict[str, float]] = {}
+    sums: dict[str, _Sums] = {}
+    extra: dict[str, dict[str, float]] = {}
     for bi, b in enumerate(plan.blocks):
         C = plan.rule.block_coefs(coefs, bi)
         hh_t = hh[b.positions]
-        hh_b = float(hh_t.sum())
-        denom = max(hh_b, 1e-300)
-        dots = C[:, b.mean_row()]
-        dot = float(dots.sum())
         mean_norm2 = consts.mean_norm2[bi]
-        cosine = dot / max(np.sqrt(hh_b * float(mean_norm2.sum())), 1e-300)
-        if b.n_basis:
-            basis = C[:, : b.n_basis]
-            inside = float((basis**2).sum()) if b.scope == "tensor" else float((basis.sum(axis=0) ** 2).sum())
+        if b.stats_block:
+            dots = C[:, STAT_DOT]
+            inside = float((C[:, STAT_LEFT] + C[:, STAT_RIGHT] - C[:, STAT_BOTH]).sum())
+            along = C[:, STAT_DOT_AFTER].copy()
         else:
-            cons = C[:, b.constraint_rows()]
-            pinv = consts.constraint_pinv[bi]
-            if b.scope == "global":
-                v = cons.sum(axis=0)
-                inside = float(v @ pinv[0] @ v)
+            dots = C[:, b.mean_row()]
+            if b.n_basis:
+                basis = C[:, : b.n_basis]
+                inside = float((basis**2).sum()) if b.scope == "tensor" else float((basis.sum(axis=0) ** 2).sum())
             else:
-                inside = float(np.einsum("ti,tij,tj->", cons, pinv, cons))
-        # <r_mean, x_t> = <r_mean, h_t> + (acting rows on t @ r_mean) . w_t
-        along = dots.copy()
+                cons = C[:, b.constraint_rows()]
+                pinv = consts.constraint_pinv[bi]
+                if b.scope == "global":
+                    v = cons.sum(axis=0)
+                    inside = float(v @ pinv[0] @ v)
+                else:
+                    inside = float(np.einsum("ti,tij,tj->", cons, pinv, cons))
+            along = dots.copy()
+        # <r_mean, x_t> = <r_mean, h_t> (after the factored stage) + (acting rows on t @ r_mean) . w_t
         for t, p in enumerate(b.positions):
             if p in w_by_pos:
                 along[t] += float(consts.cross[bi][t] @ w_by_pos[p])
         change_t = -step_scale[b.positions] * along
-        stats = {
-            "cosine": float(cosine),
-            "conflict": float(dot < 0.0),
-            "energy_in_subspace": min(inside / denom, 1.0) if hh_b > 0 else 0.0,
-            "energy_removed": float(removed[b.positions].sum()) / denom if hh_b > 0 else 0.0,
-            "predicted_change": float(change_t.sum()),
-            "grad_norm": float(np.sqrt(hh_b)),
-        }
+        acc = sums.setdefault(b.objective.name, _Sums())
+        acc.dot += float(dots.sum())
+        acc.hh += float(hh_t.sum())
+        acc.mean_norm2 += float(mean_norm2.sum())
+        acc.inside += inside
+        acc.removed += float(removed[b.positions].sum())
+        acc.change += float(change_t.sum())
         if per_tensor:
             index = plan.param_indices
+            mine = extra.setdefault(b.objective.name, {})
             for t, p in enumerate(b.positions):
                 i = index[p]
-                stats[f"cosine/{i}"] = float(dots[t] / max(np.sqrt(hh_t[t] * mean_norm2[t]), 1e-300))
-                stats[f"energy_removed/{i}"] = float(removed[p] / hh_t[t]) if hh_t[t] > 0 else 0.0
-                stats[f"predicted_change/{i}"] = float(change_t[t])
-        out[b.objective.name] = stats
+                mine[f"cosine/{i}"] = float(dots[t] / max(np.sqrt(hh_t[t] * mean_norm2[t]), 1e-300))
+                mine[f"energy_removed/{i}"] = float(removed[p] / hh_t[t]) if hh_t[t] > 0 else 0.0
+                mine[f"predicted_change/{i}"] = float(change_t[t])
+
+    out: dict[str, dict[str, float]] = {}
+    for name, acc in sums.items():
+        denom = max(acc.hh, 1e-300)
+        stats = {
+            "cosine": float(acc.dot / max(np.sqrt(acc.hh * acc.mean_norm2), 1e-300)),
+            "conflict": float(acc.dot < 0.0),
+            "energy_in_subspace": min(acc.inside / denom, 1.0) if acc.hh > 0 else 0.0,
+            "energy_removed": acc.removed / denom if acc.hh > 0 else 0.0,
+            "predicted_change": acc.change,
+            "grad_norm": float(np.sqrt(acc.hh)),
+        }
+        stats.update(extra.get(name, {}))
+        out[name] = stats
     return out

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ._blas import single_threaded_blas
+from .factored import operand_gram
 from .qp import solve_nonneg_qp_batch
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,19 +78,15 @@ class HostRule:
                 self.local_index[(bi, p)] = t
         for p in range(num_pos):
             parts, offsets, off = [], {}, 0
-            for bi, sl in touching[p]:
+            for bi, _ in touching[p]:
                 b = blocks[bi]
                 if not b.acts:
                     continue
                 offsets[bi] = off
                 off += b.num_rows
-                parts.append(b.rows[:, sl].double())
+                parts.append(b.operand(self.local_index[(bi, p)]))
             self.local.append(offsets)
-            if parts:
-                M = torch.cat(parts)
-                self.tensor_grams.append((M @ M.T).cpu().numpy())
-            else:
-                self.tensor_grams.append(np.zeros((0, 0)))
+            self.tensor_grams.append(operand_gram(parts) if parts else np.zeros((0, 0)))
 
         # ---- rule columns
         self.segments: list[_Segment] = []

@@ -23,6 +23,9 @@ __all__ = [
     "conflict_project",
     "joint_surgery",
     "penalty_of_strength",
+    "side_operator",
+    "factored_project",
+    "factored_component",
 ]
 
 _EPS = 1e-30
@@ -141,3 +144,47 @@ def joint_surgery(
     mu = K_pinv @ a + P2 @ lam_r
     x = h - A.T @ mu + R.T @ lam_r
     return x.to(g.dtype)
+
+
+def side_operator(bases: Sequence[tuple[torch.Tensor, float]], dim: int) -> torch.Tensor:
+    """``B^T (B B^T + E)^+ B`` (float64, ``dim x dim``) for the stacked rows ``B`` of several bases.
+
+    ``bases``: (rows, strength) pairs, each with orthonormal rows over the same ``dim``; E has
+    ``(1 - s) / s`` for a row of strength s. One basis of strength s gives ``s B^T B``; hard
+    bases give the orthogonal projector onto the union of their spans.
+    """
+    bases = [(U.double(), s) for U, s in bases if s > 0 and U.shape[0]]
+    if not bases:
+        return torch.zeros(dim, dim, dtype=torch.float64)
+    B = torch.cat([U for U, _ in bases])
+    E = torch.cat([torch.full((U.shape[0],), penalty_of_strength(s), dtype=torch.float64) for U, s in bases])
+    return B.T @ torch.linalg.pinv(B @ B.T + torch.diag(E.to(B.device)), hermitian=True) @ B
+
+
+def factored_project(
+    G: torch.Tensor,
+    left: Sequence[tuple[torch.Tensor, float]] = (),
+    right: Sequence[tuple[torch.Tensor, float]] = (),
+) -> torch.Tensor:
+    """The factored scope's operator on a matrix ``G`` (m, n): ``(I - L) G (I - R)``.
+
+    ``L = side_operator(left, m)``, ``R = side_operator(right, n)``. With one hard objective
+    (P, Q) this removes the whole factored subspace ``{P^T A + B Q}``: the result is
+    ``G - factored_component(G, P, Q)``.
+    """
+    m, n = G.shape
+    L = side_operator(left, m).to(G.device)
+    R = side_operator(right, n).to(G.device)
+    G64 = G.double()
+    return ((torch.eye(m, dtype=torch.float64, device=G.device) - L) @ G64 @ (torch.eye(n, dtype=torch.float64, device=G.device) - R)).to(G.dtype)
+
+
+def factored_component(G: torch.Tensor, P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """The orthogonal projection of ``G`` onto the factored subspace of bases ``P`` (r_L, m), ``Q`` (r_R, n).
+
+    ``Pi(G) = P^T P G + G Q^T Q - P^T P G Q^T Q``: the reference of a factored conflict
+    objective is ``Pi`` of its mean protected gradient.
+    """
+    G64, P64, Q64 = G.double(), P.double(), Q.double()
+    L, R = P64.T @ P64, Q64.T @ Q64
+    return (L @ G64 + G64 @ R - L @ G64 @ R).to(G.dtype)

@@ -1,7 +1,8 @@
 """The pure-torch backend: per-tensor BLAS matrix-vector products on k-major bases.
 
-Per covered tensor and objective, one ``mv`` (coefficients) and one in-place ``addmv_``
-(combine); damping is one ``_foreach_mul_``; each tensor's squared norm is a ``dot`` right
+Factored operators first (``gradsafe.factored.run_factor_ops``: matmuls and one ``addmm_``
+per matrix). Then per covered tensor and objective, one ``mv`` (coefficients) and one
+in-place ``addmv_`` (combine), or a matmul and an ``addmm_`` for a factored reference; damping is one ``_foreach_mul_``; each tensor's squared norm is a ``dot`` right
 after its first ``mv``, while the tensor is still in cache. The
 coefficients of all tensors land in one flat buffer that crosses to the host once per step;
 the weights come back in one transfer. Tensors that are not contiguous float32 are worked on
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..factored import LowRankRow, run_factor_ops
 from ..plan import Plan
 from .base import StepRecord
 
@@ -23,25 +25,33 @@ __all__ = ["TorchBackend"]
 
 @dataclass
 class _Views:
-    """Per-plan views, built once: (tensor position, rows, where its numbers go) per pass."""
+    """Per-plan views, built once: (tensor position, operand, where its numbers go) per pass.
 
-    coef: list[tuple[int, torch.Tensor, int, bool]]  # ..., whether it is the tensor's first read
-    apply: list[tuple[int, torch.Tensor, slice]]
+    An operand is a dense ``(r, n)`` row view or a ``LowRankRow`` (factored references).
+    """
+
+    coef: list[tuple[int, "torch.Tensor | LowRankRow", int, bool]]  # ..., whether it is the tensor's first read
+    apply: list[tuple[int, "torch.Tensor | LowRankRow", slice]]
 
 
 def _views(plan: Plan) -> _Views:
     cached = plan.cache.get("torch")
     if cached is None:
         coef, apply = [], []
-        seen: set[int] = set()
+        # the factored stage writes the squared norms of the tensors it reads
+        seen: set[int] = {op.position for op in plan.factor_ops}
         for b in plan.blocks:
+            if b.stats_block:
+                continue  # its numbers come from the factored stage
             live = b.apply_rows()
-            for t, (pos, sl) in enumerate(zip(b.positions, b.slices)):
-                coef.append((pos, b.rows[:, sl], b.coef_offset + t * b.num_rows, pos not in seen))
+            for t, pos in enumerate(b.positions):
+                op = b.operand(t)
+                coef.append((pos, op, b.coef_offset + t * b.num_rows, pos not in seen))
                 seen.add(pos)
                 if b.acts and live.stop > live.start:
                     offset = b.coef_offset + t * b.num_rows
-                    apply.append((pos, b.rows[live, sl].T, slice(offset + live.start, offset + live.stop)))
+                    applied = op if isinstance(op, LowRankRow) else op[live].T
+                    apply.append((pos, applied, slice(offset + live.start, offset + live.stop)))
         # The apply pass runs in reverse: the rows read last by the coefficient pass are the
         # likeliest still to be in cache.
         cached = plan.cache["torch"] = _Views(coef, apply[::-1])
@@ -69,9 +79,14 @@ class TorchBackend:
 
         coefs = torch.empty(plan.coef_numel, dtype=torch.float32, device=plan.device)
         norms = coefs[plan.norms_offset :]
+        if plan.factor_ops:  # the factored operators act first (docs/math.md section 7)
+            run_factor_ops(plan.factor_ops, work, coefs)
         for pos, rows, offset, first in views.coef:
             h = work[pos]
-            torch.mv(rows, h, out=coefs[offset : offset + rows.shape[0]])
+            if isinstance(rows, LowRankRow):
+                coefs[offset] = rows.dot(h.view(rows.shape))
+            else:
+                torch.mv(rows, h, out=coefs[offset : offset + rows.shape[0]])
             if first:  # |h|^2 right after the first read of h, while it is still in cache
                 torch.dot(h, h, out=norms[pos])
         host = coefs.cpu().numpy()  # the step's one device-to-host transfer
@@ -81,7 +96,10 @@ class TorchBackend:
             weights = plan.rule.solve(host)
             W = torch.from_numpy(weights.astype(np.float32)).to(plan.device)
             for pos, rows_t, live in views.apply:
-                work[pos].addmv_(rows_t, W[live])
+                if isinstance(rows_t, LowRankRow):
+                    rows_t.add_to(work[pos].view(rows_t.shape), W[live])
+                else:
+                    work[pos].addmv_(rows_t, W[live])
 
         for t, w in writeback:
             t.copy_(w.view_as(t))

@@ -11,6 +11,8 @@ changes). Fallbacks, each documented in docs/kernels.md:
 
 - a rule component larger than the device limits (``KernelConfig.max_rule_columns``,
   ``max_refs``) is solved by the host rule: one device-to-host transfer per step;
+- a plan with factored parts (scope "factored") runs on the torch backend: its work is
+  matmuls, which cuBLAS does through torch;
 - a gradient that is not contiguous, or not float32 / bfloat16 / float16, is worked on in a
   contiguous copy (float32 when its dtype is not one of these) that is written back.
 
@@ -64,6 +66,7 @@ class TritonBackend:
         self.config = config if config is not None else kernels.KernelConfig()
         self.force_host_rule = bool(force_host_rule)
         self.last_host_rule = False  # whether the last step solved the rule on the host
+        self._torch = None  # plans with factored parts run on the torch backend
 
     # ------------------------------------------------------------------ checks and layout
     def check_device(self, device: torch.device) -> None:
@@ -113,6 +116,15 @@ class TritonBackend:
         return gtab, lay.tiles_for(tuple(k.DTYPE_CODES[d] for d in dts))
 
     def run(self, plan: Plan, tensors: list[torch.Tensor]) -> StepRecord:
+        if plan.has_factored:
+            # factored operators and low-rank references are matmuls: cuBLAS through the torch
+            # backend (docs/kernels.md)
+            if self._torch is None:
+                from .torch_backend import TorchBackend
+
+                self._torch = TorchBackend()
+            self.last_host_rule = True
+            return self._torch.run(plan, tensors)
         lay = self.layout(plan)
         dev = lay.device
         if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():

@@ -1,0 +1,383 @@
+"""The factored scope: left and right bases per weight matrix instead of a flat basis.
+
+A weight of shape ``(m, *rest)`` is viewed as an ``(m, n)`` matrix (``n = prod(rest)``;
+conv kernels and fused QKV weights alike). An objective keeps, per such matrix, an
+orthonormal left basis ``P`` (``(r_L, m)``, rows) and right basis ``Q`` (``(r_R, n)``), and
+its mean reference projected into the factored subspace, in factored form. The projection
+off the subspace is
+
+    Phi(G) = (I - P^T P) G (I - Q^T Q)
+
+(GPM when ``Q`` spans the layer's inputs). Memory per matrix is ``r_L (m + n) + r_R (m + n)``
+numbers instead of ``k m n`` for a flat basis. See docs/math.md section 7.
+
+This module holds the memory (``FactorMemory``), its construction from gradient samples
+(randomized SVD of the stacked rows / columns, GPM's energy threshold), the low-rank
+operands the joint rule uses for factored references (``LowRankRow``), and the per-step
+operator stage (``FactorOp``, ``run_factor_ops``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .subspace import merge_basis
+
+__all__ = [
+    "SIDES",
+    "matrix_shape",
+    "FactorMemory",
+    "LowRankRow",
+    "operand_gram",
+    "FactorOp",
+    "FactorStat",
+    "run_factor_ops",
+]
+
+SIDES = ("both", "left", "right")
+
+# per factored (objective, tensor) the operator stage writes these numbers into the
+# block's row of coefficients
+STAT_DOT, STAT_LEFT, STAT_RIGHT, STAT_BOTH, STAT_DOT_AFTER = range(5)
+NUM_STATS = 5
+
+
+def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    """The ``(m, n)`` matrix view of a weight of shape ``(m, *rest)``."""
+    if len(shape) < 2:
+        raise ValueError(f"a factored basis needs a weight with at least 2 dimensions, got shape {tuple(shape)}")
+    return int(shape[0]), int(math.prod(shape[1:]))
+
+
+# ---------------------------------------------------------------------- memory
+@dataclass
+class FactorMemory:
+    """One matrix's factored memory (float32, on the parameter's device).
+
+    ``left`` (r_L, m) and ``right`` (r_R, n): orthonormal rows (either may have 0 rows);
+    ``left_energy`` / ``right_energy``: their singular values; the projected mean reference
+    ``Pi(g) = P^T ref_left + ref_right Q`` with ``ref_left = P g`` (r_L, n) and
+    ``ref_right = (g - P^T P g) Q^T`` (m, r_R); the two terms are orthogonal.
+    """
+
+    shape: tuple[int, int]
+    left: torch.Tensor
+    left_energy: torch.Tensor
+    right: torch.Tensor
+    right_energy: torch.Tensor
+    ref_left: torch.Tensor
+    ref_right: torch.Tensor
+
+    @property
+    def rank_left(self) -> int:
+        return self.left.shape[0]
+
+    @property
+    def rank_right(self) -> int:
+        return self.right.shape[0]
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes of the bases and of the reference."""
+        return {
+            "basis": 4 * (self.left.numel() + self.right.numel()),
+            "reference": 4 * (self.ref_left.numel() + self.ref_right.numel()),
+        }
+
+    def reference(self) -> torch.Tensor:
+        """The projected mean reference as a dense ``(m, n)`` matrix (tests and reports)."""
+        return self.left.T @ self.ref_left + self.ref_right @ self.right
+
+    def reference_row(self) -> "LowRankRow":
+        """The projected mean reference as a low-rank operand ``X Y``."""
+        X = torch.cat([self.left.T, self.ref_right], dim=1)
+        Y = torch.cat([self.ref_left, self.right], dim=0)
+        return LowRankRow(X.contiguous(), Y.contiguous())
+
+    def with_mean(self, samples: torch.Tensor, prev_count: int) -> "FactorMemory":
+        """The same bases with the running mean of ``prev_count`` earlier samples and ``samples`` (s, m, n)."""
+        mean = samples.mean(dim=0)
+        if prev_count > 0:
+            total = prev_count + samples.shape[0]
+            mean = self.reference() * (prev_count / total) + samples.sum(dim=0) / total
+        return _with_reference(self.shape, self.left, self.left_energy, self.right, self.right_energy, mean)
+
+    def truncate(self, rank_left: int, rank_right: int) -> "FactorMemory":
+        """Keep the leading ``rank_left`` / ``rank_right`` directions (the reference is re-projected)."""
+        ref = self.reference()
+        return _with_reference(self.shape, self.left[:rank_left], self.left_energy[:rank_left],
+                               self.right[:rank_right], self.right_energy[:rank_right], ref)
+
+    def state_dict(self) -> dict[str, torch.Tensor | list[int]]:
+        return {
+            "shape": list(self.shape),
+            "left": self.left,
+            "left_energy": self.left_energy,
+            "right": self.right,
+            "right_energy": self.right_energy,
+            "ref_left": self.ref_left,
+            "ref_right": self.ref_right,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device: torch.device | None = None) -> "FactorMemory":
+        def load(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device=device if device is not None else t.device, dtype=torch.float32).clone()
+
+        return cls(
+            tuple(state["shape"]),
+            load(state["left"]),
+            load(state["left_energy"]),
+            load(state["right"]),
+            load(state["right_energy"]),
+            load(state["ref_left"]),
+            load(state["ref_right"]),
+        )
+
+
+def _with_reference(shape, left, left_energy, right, right_energy, mean: torch.Tensor) -> FactorMemory:
+    ref_left = left @ mean
+    ref_right = (mean - left.T @ ref_left) @ right.T
+    return FactorMemory(tuple(shape), left.contiguous(), left_energy, right.contiguous(), right_energy,
+                        ref_left.contiguous(), ref_right.contiguous())
+
+
+def merge_factors(
+    prev: FactorMemory | None,
+    samples: torch.Tensor,
+    *,
+    sides: str,
+    rank: int,
+    energy: float,
+    prev_count: int,
+) -> FactorMemory:
+    """Merge gradient samples ``(s, m, n)`` of one matrix into its factored memory.
+
+    The right basis summarises the rows of every sample (the space the gradient's rows live
+    in: the layer's inputs), the left basis their columns; both are merged with the previous
+    basis by energy (``merge_basis``: CGS2, or ``svd_lowrank`` for many rows) and truncated
+    by ``rank`` and ``energy``. The mean reference (running mean over ``prev_count`` earlier
+    samples, whose mean is known only through its projection) is re-projected on the new bases.
+    """
+    s, m, n = samples.shape
+    empty_l, empty_r = samples.new_zeros(0, m), samples.new_zeros(0, n)
+    if prev is None:
+        prev_left, prev_le, prev_right, prev_re = empty_l, samples.new_zeros(0), empty_r, samples.new_zeros(0)
+    else:
+        prev_left, prev_le, prev_right, prev_re = prev.left, prev.left_energy, prev.right, prev.right_energy
+    left, left_energy = empty_l, samples.new_zeros(0)
+    right, right_energy = empty_r, samples.new_zeros(0)
+    if sides in ("both", "left"):
+        cols = samples.transpose(1, 2).reshape(s * n, m)
+        left, left_energy = merge_basis(prev_left, prev_le, cols, rank=rank, energy=energy)
+    if sides in ("both", "right"):
+        rows = samples.reshape(s * m, n)
+        right, right_energy = merge_basis(prev_right, prev_re, rows, rank=rank, energy=energy)
+    mean = samples.mean(dim=0)
+    if prev is not None and prev_count > 0:
+        total = prev_count + s
+        mean = prev.reference() * (prev_count / total) + samples.sum(dim=0) / total
+    return _with_reference((m, n), left, left_energy, right, right_energy, mean)
+
+
+def from_bases(
+    shape: tuple[int, int],
+    left: torch.Tensor | None,
+    left_energy: torch.Tensor | None,
+    right: torch.Tensor | None,
+    right_energy: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    device: torch.device,
+) -> FactorMemory:
+    """A memory from given bases (e.g. activation bases); ``mean`` (m, n) or None (no reference)."""
+    m, n = shape
+    f32 = dict(device=device, dtype=torch.float32)
+
+    def side(b, e, dim):
+        if b is None:
+            return torch.zeros(0, dim, **f32), torch.zeros(0, **f32)
+        b = b.to(**f32)
+        e = torch.ones(b.shape[0], **f32) if e is None else e.to(**f32)
+        return b, e
+
+    left, le = side(left, left_energy, m)
+    right, re = side(right, right_energy, n)
+    mean = torch.zeros(m, n, **f32) if mean is None else mean.to(**f32)
+    return _with_reference(shape, left, le, right, re, mean)
+
+
+# ---------------------------------------------------------------------- low-rank operands
+@dataclass
+class LowRankRow:
+    """A direction over one ``(m, n)`` matrix given as ``X @ Y`` (``X`` (m, s), ``Y`` (s, n)).
+
+    The joint rule treats it as one row: its inner product with a gradient costs one
+    ``(s, m) x (m, n)`` matmul and the rank-``s`` update is one ``addmm_``.
+    """
+
+    X: torch.Tensor
+    Y: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.X.shape[0], self.Y.shape[1]
+
+    def dot(self, h2d: torch.Tensor) -> torch.Tensor:
+        """``<X Y, h>`` as a 0-d tensor (no host synchronisation)."""
+        return ((self.X.T @ h2d) * self.Y).sum()
+
+    def add_to(self, h2d: torch.Tensor, weight: torch.Tensor) -> None:
+        """``h += weight * X Y`` in place (``weight`` a 0-d or 1-element device tensor)."""
+        h2d.addmm_(self.X * weight, self.Y)
+
+    def dense(self) -> torch.Tensor:
+        return self.X @ self.Y
+
+
+def _inner(a: "torch.Tensor | LowRankRow", b: "torch.Tensor | LowRankRow") -> np.ndarray:
+    """Inner products between two operands: dense rows ``(r, n)`` or a ``LowRankRow`` (1 row)."""
+    if isinstance(a, LowRankRow) and isinstance(b, LowRankRow):
+        v = ((a.X.double().T @ b.X.double()) * (a.Y.double() @ b.Y.double().T)).sum()
+        return np.array([[float(v)]])
+    if isinstance(a, LowRankRow):
+        return _inner(b, a).T
+    A = a.double()
+    if isinstance(b, LowRankRow):
+        m, n = b.shape
+        # <a_i, X Y> = sum((X^T a_i) * Y), batched over the rows of a
+        proj = torch.einsum("ms,rmn->rsn", b.X.double(), A.reshape(-1, m, n))
+        return (proj * b.Y.double()).sum(dim=(1, 2)).cpu().numpy()[:, None]
+    return (A @ b.double().T).cpu().numpy()
+
+
+def operand_rows(op: "torch.Tensor | LowRankRow") -> int:
+    return 1 if isinstance(op, LowRankRow) else op.shape[0]
+
+
+def operand_gram(ops: list["torch.Tensor | LowRankRow"]) -> np.ndarray:
+    """The Gram matrix (float64, host) of the stacked rows of several operands on one tensor."""
+    sizes = [operand_rows(o) for o in ops]
+    offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    G = np.zeros((offs[-1], offs[-1]))
+    for i, a in enumerate(ops):
+        for j in range(i, len(ops)):
+            block = _inner(a, ops[j])
+            G[offs[i] : offs[i + 1], offs[j] : offs[j + 1]] = block
+            G[offs[j] : offs[j + 1], offs[i] : offs[i + 1]] = block.T
+    return G
+
+
+# ---------------------------------------------------------------------- the operator stage
+@dataclass
+class FactorStat:
+    """A factored (objective, tensor) whose statistics the stage writes (``NUM_STATS`` numbers)."""
+
+    memory: FactorMemory
+    offset: int  # where its numbers go in the flat coefficients
+    left_rows: slice | None  # its rows in the op's stacked left basis (None: not acting)
+    right_rows: slice | None
+
+
+@dataclass
+class FactorOp:
+    """The factored operator on one tensor: ``h <- (I - L) h (I - R)``.
+
+    ``L = P^T K_L^+ P`` with ``P`` the acting objectives' stacked left bases and
+    ``K_L = P P^T + E`` (``E`` the soft-strength penalties; ``K_L^+`` is None when it is the
+    identity: one hard objective); the same for the right side. The stage also writes each
+    factored objective's statistics (``stats``), the squared norm of the tensor before, and
+    the energy the operator removed.
+    """
+
+    position: int
+    shape: tuple[int, int]
+    left: torch.Tensor | None  # (r_L, m) stacked acting left bases
+    left_kinv: torch.Tensor | None
+    right: torch.Tensor | None  # (r_R, n)
+    right_kinv: torch.Tensor | None
+    stats: list[FactorStat] = field(default_factory=list)
+    norm_offset: int = 0  # |h|^2 before the operator
+    removed_offset: int = 0  # |h - Phi h|^2
+
+    @property
+    def acts(self) -> bool:
+        return self.left is not None or self.right is not None
+
+
+def side_kinv(rows: list[torch.Tensor], strengths: list[float]) -> torch.Tensor | None:
+    """``(B B^T + E)^+`` for stacked rows ``B`` with penalties ``E = (1 - s) / s``; None if it is ``I``."""
+    if len(rows) == 1 and strengths[0] == 1.0:
+        return None
+    B = torch.cat(rows).double()
+    E = torch.cat([torch.full((r.shape[0],), (1.0 - s) / s, dtype=torch.float64, device=B.device) for r, s in zip(rows, strengths)])
+    from .rule import PINV_RTOL
+
+    K = B @ B.T + torch.diag(E)
+    return torch.linalg.pinv(K, rtol=PINV_RTOL, hermitian=True).to(torch.float32)
+
+
+def _sq(x: torch.Tensor) -> torch.Tensor:
+    return (x * x).sum()
+
+
+def run_factor_ops(ops: list[FactorOp], work: list[torch.Tensor], coefs: torch.Tensor) -> None:
+    """Apply every tensor's factored operator in place and write the stage's numbers.
+
+    Per tensor: ``S_o = P_o h`` and ``T_o = h Q_o^T`` for each factored objective (the
+    stacked acting ``S``, ``T`` are their concatenation, no extra pass), then one rank-``r``
+    ``addmm_``: ``h -= [T K_R^+ | P^T] [Q ; K_L^+ (S - P T K_R^+ Q)]``.
+    """
+    for op in ops:
+        m, n = op.shape
+        h = work[op.position].view(m, n)
+        coefs[op.norm_offset] = _sq(h)
+        S_parts, T_parts, vals = [], [], []
+        per_stat = []
+        for st in op.stats:
+            mem = st.memory
+            S_o = mem.left @ h if mem.rank_left else None
+            T_o = h @ mem.right.T if mem.rank_right else None
+            per_stat.append((S_o, T_o))
+            if st.left_rows is not None and S_o is not None:
+                S_parts.append(S_o)
+            if st.right_rows is not None and T_o is not None:
+                T_parts.append(T_o)
+        A = B = None
+        if op.acts:
+            S = torch.cat(S_parts) if S_parts else None
+            T = torch.cat(T_parts, dim=1) if T_parts else None
+            TK = None if T is None else (T if op.right_kinv is None else T @ op.right_kinv)
+            if S is not None:
+                SK = S if TK is None else S - (op.left @ TK) @ op.right
+                SK = SK if op.left_kinv is None else op.left_kinv @ SK
+            if S is not None and T is not None:
+                A = torch.cat([TK, op.left.T], dim=1)
+                B = torch.cat([op.right, SK], dim=0)
+            elif T is not None:
+                A, B = TK, op.right
+            else:
+                A, B = op.left.T, SK
+        for st, (S_o, T_o) in zip(op.stats, per_stat):
+            mem = st.memory
+            zero = h.new_zeros(())
+            dot = (zero if S_o is None else (S_o * mem.ref_left).sum()) + (zero if T_o is None else (T_o * mem.ref_right).sum())
+            both = zero if (S_o is None or T_o is None) else _sq(mem.left @ T_o)
+            if A is None:
+                dot_after = dot
+            else:
+                # <r, Phi h> from the small factors: P_o Phi h = S_o - (P_o A) B, Phi h Q_o^T = T_o - A (B Q_o^T)
+                dot_after = zero
+                if S_o is not None:
+                    dot_after = dot_after + ((S_o - (mem.left @ A) @ B) * mem.ref_left).sum()
+                if T_o is not None:
+                    dot_after = dot_after + ((T_o - A @ (B @ mem.right.T)) * mem.ref_right).sum()
+            vals.append(torch.stack([dot, zero if S_o is None else _sq(S_o), zero if T_o is None else _sq(T_o), both, dot_after]))
+            coefs[st.offset : st.offset + NUM_STATS] = vals[-1]
+        if A is not None:
+            coefs[op.removed_offset] = ((A.T @ A) * (B @ B.T)).sum()
+            h.addmm_(A, B, alpha=-1.0)
+        else:
+            coefs[op.removed_offset] = 0.0
