@@ -307,15 +307,22 @@ class FactorOp:
         return self.left is not None or self.right is not None
 
 
-def side_kinv(rows: list[torch.Tensor], strengths: list[float]) -> torch.Tensor | None:
-    """``(B B^T + E)^+`` for stacked rows ``B`` with penalties ``E = (1 - s) / s``; None if it is ``I``."""
+def side_kinv(rows: list[torch.Tensor], strengths: list[float], shard=None) -> torch.Tensor | None:
+    """``(B B^T + E)^+`` for stacked rows ``B`` with penalties ``E = (1 - s) / s``; None if it is ``I``.
+
+    ``shard``: the rows hold this rank's columns only (a left basis under FSDP2); their Gram
+    is summed across ranks.
+    """
     if len(rows) == 1 and strengths[0] == 1.0:
         return None
     B = torch.cat(rows).double()
     E = torch.cat([torch.full((r.shape[0],), (1.0 - s) / s, dtype=torch.float64, device=B.device) for r, s in zip(rows, strengths)])
     from .rule import PINV_RTOL
 
-    K = B @ B.T + torch.diag(E)
+    gram = B @ B.T
+    if shard is not None:
+        shard.all_reduce_(gram, kind="plan_all_reduce")
+    K = gram + torch.diag(E)
     return torch.linalg.pinv(K, rtol=PINV_RTOL, hermitian=True).to(torch.float32)
 
 
@@ -323,60 +330,88 @@ def _sq(x: torch.Tensor) -> torch.Tensor:
     return (x * x).sum()
 
 
-def run_factor_ops(ops: list[FactorOp], work: list[torch.Tensor], coefs: torch.Tensor) -> None:
+def run_factor_ops(ops: list[FactorOp], work: list[torch.Tensor], coefs: torch.Tensor, shard=None) -> None:
     """Apply every tensor's factored operator in place and write the stage's numbers.
 
     Per tensor: ``S_o = P_o h`` and ``T_o = h Q_o^T`` for each factored objective (the
     stacked acting ``S``, ``T`` are their concatenation, no extra pass), then one rank-``r``
-    ``addmm_``: ``h -= [T K_R^+ | P^T] [Q ; K_L^+ (S - P T K_R^+ Q)]``.
+    ``addmm_``: ``h -= A B`` with ``A = [T K_R^+ | P^T]``, ``B = [Q ; K_L^+ (S - P T K_R^+ Q)]``.
+
+    ``shard`` (FSDP2, ``h`` holds this rank's rows): ``S_o``, ``P_o T_o`` and ``P_o A`` are
+    sums over rows, so every rank computes its part and one all-reduce (for all tensors at
+    once) completes them before any tensor is changed; numbers written to ``coefs`` are this
+    rank's share (the coefficients' own all-reduce adds them up).
     """
+    first = 1.0 if shard is None or shard.rank == 0 else 0.0  # global values: counted once
+    staged = []
+    partials: list[torch.Tensor] = []
     for op in ops:
         m, n = op.shape
         h = work[op.position].view(m, n)
         coefs[op.norm_offset] = _sq(h)
-        S_parts, T_parts, vals = [], [], []
         per_stat = []
+        T_parts = []
         for st in op.stats:
             mem = st.memory
             S_o = mem.left @ h if mem.rank_left else None
             T_o = h @ mem.right.T if mem.rank_right else None
-            per_stat.append((S_o, T_o))
-            if st.left_rows is not None and S_o is not None:
-                S_parts.append(S_o)
+            per_stat.append([S_o, T_o, None, None])
             if st.right_rows is not None and T_o is not None:
                 T_parts.append(T_o)
-        A = B = None
+        A = TK = None
         if op.acts:
-            S = torch.cat(S_parts) if S_parts else None
             T = torch.cat(T_parts, dim=1) if T_parts else None
             TK = None if T is None else (T if op.right_kinv is None else T @ op.right_kinv)
-            if S is not None:
-                SK = S if TK is None else S - (op.left @ TK) @ op.right
-                SK = SK if op.left_kinv is None else op.left_kinv @ SK
-            if S is not None and T is not None:
-                A = torch.cat([TK, op.left.T], dim=1)
-                B = torch.cat([op.right, SK], dim=0)
-            elif T is not None:
-                A, B = TK, op.right
+            A = torch.cat([x for x in (TK, None if op.left is None else op.left.T) if x is not None], dim=1)
+        for st, ps in zip(op.stats, per_stat):
+            S_o, T_o = ps[0], ps[1]
+            if S_o is not None:
+                ps[2] = st.memory.left @ T_o if T_o is not None else None  # P_o T_o
+                ps[3] = st.memory.left @ A if A is not None else None  # P_o A
+                partials += [x for x in ps[:4] if x is not None and x is not T_o]
+        staged.append((op, h, per_stat, A, TK))
+    if shard is not None and partials:
+        flat = torch.cat([x.reshape(-1) for x in partials])
+        shard.all_reduce_(flat)
+        off = 0
+        for x in partials:
+            x.copy_(flat[off : off + x.numel()].view_as(x))
+            off += x.numel()
+
+    for op, h, per_stat, A, TK in staged:
+        B = None
+        if op.acts:
+            S_act = [ps[0] for st, ps in zip(op.stats, per_stat) if st.left_rows is not None and ps[0] is not None]
+            if S_act:
+                S = torch.cat(S_act)
+                if TK is not None:  # P T K_R^+ = the acting rows of P_o A's first columns
+                    PTK = torch.cat([ps[3][:, : TK.shape[1]] for st, ps in zip(op.stats, per_stat)
+                                     if st.left_rows is not None and ps[0] is not None])
+                    S = S - PTK @ op.right
+                SK = S if op.left_kinv is None else op.left_kinv @ S
+                B = torch.cat([op.right, SK], dim=0) if TK is not None else SK
             else:
-                A, B = op.left.T, SK
-        for st, (S_o, T_o) in zip(op.stats, per_stat):
+                B = op.right
+        zero = h.new_zeros(())
+        for st, (S_o, T_o, C_o, PA_o) in zip(op.stats, per_stat):
             mem = st.memory
-            zero = h.new_zeros(())
-            dot = (zero if S_o is None else (S_o * mem.ref_left).sum()) + (zero if T_o is None else (T_o * mem.ref_right).sum())
-            both = zero if (S_o is None or T_o is None) else _sq(mem.left @ T_o)
-            if A is None:
+            left_dot = zero if S_o is None else (S_o * mem.ref_left).sum() * first
+            right_dot = zero if T_o is None else (T_o * mem.ref_right).sum()
+            dot = left_dot + right_dot
+            both = zero if C_o is None else _sq(C_o) * first
+            if B is None:
                 dot_after = dot
             else:
                 # <r, Phi h> from the small factors: P_o Phi h = S_o - (P_o A) B, Phi h Q_o^T = T_o - A (B Q_o^T)
                 dot_after = zero
                 if S_o is not None:
-                    dot_after = dot_after + ((S_o - (mem.left @ A) @ B) * mem.ref_left).sum()
+                    dot_after = dot_after + ((S_o - PA_o @ B) * mem.ref_left).sum() * first
                 if T_o is not None:
                     dot_after = dot_after + ((T_o - A @ (B @ mem.right.T)) * mem.ref_right).sum()
-            vals.append(torch.stack([dot, zero if S_o is None else _sq(S_o), zero if T_o is None else _sq(T_o), both, dot_after]))
-            coefs[st.offset : st.offset + NUM_STATS] = vals[-1]
-        if A is not None:
+            coefs[st.offset : st.offset + NUM_STATS] = torch.stack(
+                [dot, zero if S_o is None else _sq(S_o) * first, zero if T_o is None else _sq(T_o), both, dot_after]
+            )
+        if B is not None:
             coefs[op.removed_offset] = ((A.T @ A) * (B @ B.T)).sum()
             h.addmm_(A, B, alpha=-1.0)
         else:

@@ -88,7 +88,8 @@ def memory_rows(obj: "ProtectedObjective", names: list[str] | None = None, elem_
     flat_pos = {t: i for i, t in enumerate(obj.flat_index)}
     k_flat = 0 if obj.basis is None else obj.basis.shape[0]
     n_refs = 1 + (0 if obj.sample_refs is None else obj.sample_refs.shape[0])
-    for t, (i, shape, numel) in enumerate(zip(obj.coverage, obj.shapes, obj.numels)):
+    # sharded (FSDP2): this rank's bytes
+    for t, (i, shape, numel) in enumerate(zip(obj.coverage, obj.shapes, obj.mem_numels)):
         fisher = _F32 * numel if obj.fisher is not None else 0
         pbytes = numel * (elem_sizes[t] if elem_sizes else _F32)
         name = names[t] if names else f"param {i}"

@@ -11,6 +11,8 @@ import torch
 
 from .factored import SIDES, FactorMemory, matrix_shape, merge_factors
 from .fisher import empirical_fisher, online_fisher
+from .sharding import ShardSpec, full, is_dtensor, local
+from .surgery import normalize_fisher
 from .subspace import merge_basis
 
 __all__ = [
@@ -139,6 +141,8 @@ def pack_samples(
     for, unless ``coverage`` fixes it; a covered parameter missing from a sample counts as 0.
     """
     for si, sample in enumerate(samples):
+        # FSDP2 gradients (DTensors) are gathered whole: memory is merged whole on every rank
+        sample[:] = [full(t) if is_dtensor(t) else t for t in sample]
         if len(sample) != len(params):
             raise ValueError(
                 f"sample {si} of {name!r} has {len(sample)} entries but the optimizer has "
@@ -224,9 +228,10 @@ class ProtectedObjective:
             self.flat_index = tuple(t for t, s in enumerate(self.shapes) if len(s) < 2)
         else:
             self.flat_index = tuple(range(len(self.shapes)))
-        flat_numels = [self.numels[t] for t in self.flat_index]
-        self.flat_offsets = tuple(sum(flat_numels[:i]) for i in range(len(flat_numels)))
-        self.flat_numel = sum(flat_numels)
+        # FSDP2: the memory holds only this rank's rows of each covered tensor
+        self.shard: ShardSpec | None = None
+        self.fisher_mean: float | None = None  # the global mean of a sharded Fisher
+        self._relayout()
         self.factors: dict[int, FactorMemory] = {}
         self.fixed_factors: set[int] = set()  # factors given as bases, not learnt from samples
         self.param_bytes = 4 * self.numel  # the covered parameters' own bytes (set by the optimizer)
@@ -262,9 +267,80 @@ class ProtectedObjective:
         """Each covered tensor's columns in packed samples (and in the Fisher)."""
         return [slice(o, o + n) for o, n in zip(self.offsets, self.numels)]
 
+    def _relayout(self) -> None:
+        mem = [self.shard.local_numel(t) for t in range(len(self.shapes))] if self.shard else list(self.numels)
+        self.mem_numels = tuple(mem)
+        self.mem_offsets = tuple(sum(mem[:i]) for i in range(len(mem)))
+        flat_numels = [mem[t] for t in self.flat_index]
+        self.flat_offsets = tuple(sum(flat_numels[:i]) for i in range(len(flat_numels)))
+        self.flat_numel = sum(flat_numels)
+
     def flat_slices(self) -> list[slice]:
         """Each flat-memory tensor's columns in the row storage (``flat_index`` order)."""
-        return [slice(o, o + self.numels[t]) for o, t in zip(self.flat_offsets, self.flat_index)]
+        return [slice(o, o + self.mem_numels[t]) for o, t in zip(self.flat_offsets, self.flat_index)]
+
+    def memory_slices(self) -> list[slice]:
+        """Each covered tensor's entries in the Fisher diagonal (this rank's part when sharded)."""
+        return [slice(o, o + n) for o, n in zip(self.mem_offsets, self.mem_numels)]
+
+    def normalized_fisher(self) -> torch.Tensor:
+        """The Fisher scaled to mean 1 over all covered entries (of all ranks when sharded)."""
+        if self.shard is None:
+            return normalize_fisher(self.fisher)
+        return self.fisher / max(float(self.fisher_mean or 0.0), 1e-30)
+
+    # ------------------------------------------------------------------ sharding (FSDP2)
+    def shard_to(self, spec: ShardSpec) -> None:
+        """Keep only this rank's part of the memory (see ``gradsafe.sharding``)."""
+        if self.shard is not None:
+            raise RuntimeError(f"objective {self.name!r} is already sharded")
+        flat = self.flat_slices()
+        cols = [spec.cols(t) for t in range(len(self.shapes))]
+        if self._storage is not None:
+            parts = [self._storage[:, sl][:, cols[t]] for sl, t in zip(flat, self.flat_index)]
+            storage = torch.cat(parts, dim=1) if parts else self._storage[:, :0]
+            self._set_storage(storage.contiguous(), self.basis.shape[0], self.sample_refs is not None)
+        if self.fisher is not None:
+            self.fisher_mean = float(self.fisher.double().mean()) if self.fisher.numel() else 0.0
+            self.fisher = torch.cat([self.fisher[sl][cols[t]] for t, sl in enumerate(self.slices())]).contiguous()
+        for t, fm in list(self.factors.items()):
+            off, n = spec.rows(t)
+            self.factors[t] = FactorMemory(fm.shape, fm.left[:, off : off + n].contiguous(), fm.left_energy, fm.right,
+                                           fm.right_energy, fm.ref_left, fm.ref_right[off : off + n].contiguous())
+        self.shard = spec
+        self._relayout()
+
+    def unshard(self) -> ShardSpec | None:
+        """Gather the whole memory on every rank (a collective); returns the spec it had."""
+        spec = self.shard
+        if spec is None:
+            return None
+        if self._storage is not None:
+            R = self._storage.shape[0]
+            parts = []
+            for sl, t in zip(self.flat_slices(), self.flat_index):
+                piece = self._storage[:, sl].reshape(R, spec.rows(t)[1], spec.row_numel(t))
+                parts.append(spec.gather_rows(piece, t, dim=1).reshape(R, -1))
+            storage = torch.cat(parts, dim=1) if parts else self._storage
+            self._set_storage(storage.contiguous(), self.basis.shape[0], self.sample_refs is not None)
+        if self.fisher is not None:
+            self.fisher = torch.cat([
+                spec.gather_rows(self.fisher[sl].reshape(spec.rows(t)[1], spec.row_numel(t)), t, dim=0).reshape(-1)
+                for t, sl in enumerate(self.memory_slices())
+            ])
+            self.fisher_mean = None
+        for t, fm in list(self.factors.items()):
+            self.factors[t] = FactorMemory(fm.shape, spec.gather_rows(fm.left, t, dim=1), fm.left_energy, fm.right,
+                                           fm.right_energy, fm.ref_left, spec.gather_rows(fm.ref_right, t, dim=0))
+        self.shard = None
+        self._relayout()
+        return spec
+
+    def _set_storage(self, storage: torch.Tensor, k: int, has_samples: bool) -> None:
+        self._storage = storage
+        self.basis = storage[:k]
+        self.mean_ref = storage[k]
+        self.sample_refs = storage[k + 1 :] if has_samples else None
 
     def flat_part(self, S: torch.Tensor) -> torch.Tensor:
         """The columns of packed samples ``S`` that flat memory covers."""
@@ -283,6 +359,12 @@ class ProtectedObjective:
 
     # ------------------------------------------------------------------ memory updates
     def _merge(self, S: torch.Tensor, fresh: bool) -> None:
+        spec = self.unshard()  # a sharded memory merges whole, on every rank alike
+        self._merge_whole(S, fresh)
+        if spec is not None:
+            self.shard_to(spec)
+
+    def _merge_whole(self, S: torch.Tensor, fresh: bool) -> None:
         cfg = self.config
         prev_count = 0 if fresh else self.num_samples
         if cfg.scope == "factored":
@@ -363,11 +445,7 @@ class ProtectedObjective:
         """
         rows = [basis, mean_ref[None]] + ([sample_refs] if sample_refs is not None else [])
         storage = torch.cat(rows).to(torch.float32).contiguous()
-        k = basis.shape[0]
-        self._storage = storage
-        self.basis = storage[:k]
-        self.mean_ref = storage[k]
-        self.sample_refs = storage[k + 1 :] if sample_refs is not None else None
+        self._set_storage(storage, basis.shape[0], sample_refs is not None)
 
     def set_bases(self, factors: dict[int, FactorMemory]) -> None:
         """Start a factored objective from given bases (``t`` = index in the coverage), no samples.
@@ -453,20 +531,77 @@ class ProtectedObjective:
             "factors": {str(t): fm.state_dict() for t, fm in self.factors.items()},
             "fixed_factors": sorted(self.fixed_factors),
             "param_bytes": self.param_bytes,
+            **(self._sharded_state() if self.shard is not None else {}),
+        }
+
+    def _sharded_state(self) -> dict[str, Any]:
+        """Sharded memory as DTensors (what ``torch.distributed.checkpoint`` saves per rank)."""
+        spec = self.shard
+        R = self._storage.shape[0]
+        rows = [
+            spec.dtensor(self._storage[:, sl].reshape(R, spec.rows(t)[1], *self.shapes[t][1:]), 1, (R, *self.shapes[t]))
+            for sl, t in zip(self.flat_slices(), self.flat_index)
+        ]
+        fisher = None
+        if self.fisher is not None:
+            fisher = [spec.dtensor(self.fisher[sl].reshape(spec.rows(t)[1], *self.shapes[t][1:]), 0, self.shapes[t])
+                      for t, sl in enumerate(self.memory_slices())]
+        factors = {}
+        for t, fm in self.factors.items():
+            st = fm.state_dict()
+            st["left"] = spec.dtensor(fm.left, 1, (fm.rank_left, fm.shape[0]))
+            st["ref_right"] = spec.dtensor(fm.ref_right, 0, (fm.shape[0], fm.rank_right))
+            factors[str(t)] = st
+        return {
+            "basis": None,
+            "mean_ref": None,
+            "sample_refs": None,
+            "fisher": None,
+            "factors": factors,
+            "sharded": {
+                "rows": rows,
+                "num_rows": R,
+                "num_basis": self.basis.shape[0],
+                "has_samples": self.sample_refs is not None,
+                "fisher": fisher,
+                "fisher_mean": self.fisher_mean,
+            },
         }
 
     @classmethod
-    def from_state_dict(cls, name: str, state: dict[str, Any], device: torch.device | None = None) -> "ProtectedObjective":
+    def from_state_dict(
+        cls, name: str, state: dict[str, Any], device: torch.device | None = None, shard: ShardSpec | None = None
+    ) -> "ProtectedObjective":
+        """Rebuild an objective; ``shard``: the parameters' sharding (FSDP2) in this process."""
         obj = cls(name, ObjectiveConfig(**state["config"]), state["coverage"], state["shapes"])
+        sharded = state.get("sharded")
+        if sharded is not None and shard is None:
+            raise ValueError(
+                f"objective {name!r} was saved sharded (FSDP2); load it into an optimizer over the same "
+                "sharded parameters (or save with the parameters unsharded)"
+            )
 
         def load(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
                 return None
+            t = local(t)  # a DTensor loaded by torch.distributed.checkpoint: this rank's rows
             return t.detach().to(device=device if device is not None else t.device, dtype=torch.float32).clone()
 
-        obj._pack(load(state["basis"]), load(state["mean_ref"]), load(state["sample_refs"]))
+        obj.factors = {int(t): FactorMemory.from_state_dict({k: load(v) if isinstance(v, torch.Tensor) else v for k, v in f.items()}, device)
+                       for t, f in state.get("factors", {}).items()}
+        if sharded is None:
+            obj._pack(load(state["basis"]), load(state["mean_ref"]), load(state["sample_refs"]))
+            obj.fisher = load(state["fisher"])
+        else:
+            obj.shard = shard
+            obj._relayout()
+            rows = [load(r) for r in sharded["rows"]]
+            R = int(sharded["num_rows"])
+            storage = torch.cat([r.reshape(R, -1) for r in rows], dim=1) if rows else torch.zeros(R, 0, device=device)
+            obj._set_storage(storage.contiguous(), int(sharded["num_basis"]), bool(sharded["has_samples"]))
+            obj.fisher = None if sharded["fisher"] is None else torch.cat([load(f).reshape(-1) for f in sharded["fisher"]])
+            obj.fisher_mean = sharded["fisher_mean"]
         obj.energies = load(state["energies"])
-        obj.fisher = load(state["fisher"])
         obj.num_samples = int(state["num_samples"])
         obj.num_refreshes = int(state["num_refreshes"])
         obj.had_closure = bool(state["had_closure"])
@@ -475,8 +610,9 @@ class ProtectedObjective:
         obj.loss_at_refresh = state["loss_at_refresh"]
         obj.predicted_since_refresh = float(state["predicted_since_refresh"])
         obj.staleness = state["staleness"]
-        obj.factors = {int(t): FactorMemory.from_state_dict(f, device) for t, f in state.get("factors", {}).items()}
         obj.fixed_factors = set(state.get("fixed_factors", []))
         obj.param_bytes = int(state.get("param_bytes", obj.param_bytes))
+        if shard is not None and sharded is None:  # saved whole, loaded into sharded parameters
+            obj.shard_to(shard)
         obj.version = 1
         return obj

@@ -22,6 +22,7 @@ from .memory import MemoryReport, memory_rows
 from .plan import Plan, build_plan
 from .refresh import STALE, closure_gradient, closure_loss, is_due, staleness
 from .report import step_report
+from .sharding import local, shard_spec
 
 Sink = Callable[[int, dict[str, float]], None]
 
@@ -283,6 +284,9 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             S = None if samples is None else pack_samples(samples, params, name, coverage=coverage, allow_zero=True)[1]
         if S is not None:
             obj.add_samples(S)
+        spec = shard_spec(params, coverage)
+        if spec is not None:
+            obj.shard_to(spec)
         obj.last_refresh_step = obj.last_check_step = self.gradsafe_steps
         obj.loss_at_refresh = loss
         self._objectives[name] = obj
@@ -455,8 +459,10 @@ class ProtectedOptimizer(torch.optim.Optimizer):
                 # an expanded gradient (set by hand; autograd never makes one) cannot be
                 # changed in place: give the parameter its own copy first
                 p.grad = p.grad.contiguous()
+        if plan.shard is not None:  # FSDP2: work on each rank's shards (views of the DTensors)
+            covered = [local(p) for p in covered]
         if self.space == "grad" or not step_base:
-            tensors = [p.grad for p in covered]
+            tensors = [local(p.grad) if plan.shard is not None else p.grad for p in (params[i] for i in plan.param_indices)]
             record = self._backend.run(plan, tensors)
             if step_base:
                 self.base_optimizer.step()
@@ -486,7 +492,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             obj = b.objective
             if obj.fisher is None:  # factored objectives without damping keep no Fisher
                 continue
-            cols = obj.slices()
+            cols = obj.memory_slices()
             parts = [
                 (obj.fisher[cols[obj.coverage.index(plan.param_indices[p])]] * tensors[p].detach().reshape(-1).float().square()).sum()
                 * float(scale[p]) ** 2
@@ -595,7 +601,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         for name, obj_state in saved["objectives"].items():
             cov = obj_state["coverage"]
             device = params[cov[0]].device if cov and cov[0] < len(params) else None
-            obj = ProtectedObjective.from_state_dict(name, obj_state, device=device)
+            obj = ProtectedObjective.from_state_dict(name, obj_state, device=device, shard=shard_spec(params, cov))
             if name in self._objectives and self._objectives[name].closure is not None:
                 obj.closure = self._objectives[name].closure
             objectives[name] = obj

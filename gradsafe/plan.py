@@ -26,7 +26,7 @@ import torch
 from .factored import NUM_STATS, FactorOp, FactorStat, LowRankRow, side_kinv
 from .objective import ProtectedObjective
 from .rule import HostRule
-from .surgery import normalize_fisher
+from .sharding import ShardSpec, all_reduce_arrays
 
 __all__ = ["Block", "Plan", "build_plan"]
 
@@ -135,6 +135,7 @@ class Plan:
     rule: HostRule
     device: torch.device
     factor_ops: list[FactorOp] = field(default_factory=list)
+    shard: ShardSpec | None = None  # FSDP2: coefficients are partial sums, all-reduced per step
     versions: tuple[int, ...] = field(default_factory=tuple)
     active: frozenset[int] = frozenset()
     cache: dict = field(default_factory=dict)  # backends keep per-plan views and uploads here
@@ -204,7 +205,8 @@ def build_plan(
                       **{**base, "acts": False}))
     norms_offset = offset
     coef_numel = offset + len(covered)
-    factor_ops = _factor_ops(blocks, covered, norms_offset)
+    shard = _plan_shard(objectives, active)
+    factor_ops = _factor_ops(blocks, covered, norms_offset, shard)
     coef_numel += len(factor_ops)
 
     damp_excess: list[torch.Tensor | None] = [None] * len(covered)
@@ -212,8 +214,8 @@ def build_plan(
         lam = obj.config.damping
         if lam <= 0:
             continue
-        f_hat = normalize_fisher(obj.fisher)
-        for i, sl in zip(obj.coverage, obj.slices()):
+        f_hat = obj.normalized_fisher()
+        for i, sl in zip(obj.coverage, obj.memory_slices()):
             if i not in active:
                 continue
             p = pos_of[i]
@@ -221,8 +223,10 @@ def build_plan(
             damp_excess[p] = part.clone() if damp_excess[p] is None else damp_excess[p] + part
     damp_factors = [None if e is None else 1.0 / (1.0 + e) for e in damp_excess]
 
-    rule = HostRule(blocks, touching)
-    return Plan(
+    reduce = None if shard is None else (lambda arrays: all_reduce_arrays(arrays, shard))
+    rule = HostRule(blocks, touching, reduce=reduce)
+    plan = Plan(
+        shard=shard,
         factor_ops=factor_ops,
         param_indices=covered,
         blocks=blocks,
@@ -235,9 +239,14 @@ def build_plan(
         versions=tuple(o.version for o in objectives),
         active=frozenset(active),
     )
+    if shard is not None:
+        from .report import ReportConstants
+
+        ReportConstants.of(plan)  # its Grams need a collective: every rank builds them now
+    return plan
 
 
-def _factor_ops(blocks: list[Block], covered: list[int], norms_offset: int) -> list[FactorOp]:
+def _factor_ops(blocks: list[Block], covered: list[int], norms_offset: int, shard: ShardSpec | None) -> list[FactorOp]:
     """One ``FactorOp`` per matrix that a factored project / observe block covers."""
     by_pos: dict[int, list[tuple[Block, int]]] = {}
     for b in blocks:
@@ -263,13 +272,13 @@ def _factor_ops(blocks: list[Block], covered: list[int], norms_offset: int) -> l
                 rs.append(float(obj.config.strength))
                 rrows = slice(start, start + mem.rank_right)
             stats.append(FactorStat(mem, b.coef_offset + t * b.num_rows, lrows, rrows))
-        shape = mem.shape
+        shape = (mem.ref_right.shape[0], mem.ref_left.shape[1])  # this rank's rows when sharded
         ops.append(
             FactorOp(
                 position=p,
                 shape=shape,
                 left=torch.cat(lefts).contiguous() if lefts else None,
-                left_kinv=side_kinv(lefts, ls) if lefts else None,
+                left_kinv=side_kinv(lefts, ls, shard) if lefts else None,
                 right=torch.cat(rights).contiguous() if rights else None,
                 right_kinv=side_kinv(rights, rs) if rights else None,
                 stats=stats,
@@ -281,6 +290,18 @@ def _factor_ops(blocks: list[Block], covered: list[int], norms_offset: int) -> l
     for j, op in enumerate(ops):
         op.removed_offset = base + j
     return ops
+
+
+def _plan_shard(objectives: Sequence[ProtectedObjective], active: Collection[int]) -> ShardSpec | None:
+    """The one sharding all the step's objectives share (FSDP2), or None."""
+    live = [o for o in objectives if any(i in active for i in o.coverage)]
+    specs = {id(o.shard.group): o.shard for o in live if o.shard is not None}
+    if len(specs) > 1:
+        raise ValueError("protected objectives are sharded over different process groups; not supported")
+    shard = next(iter(specs.values()), None)
+    if shard is not None and any(o.shard is None for o in live):
+        raise ValueError("some protected objectives are sharded (FSDP2) and others are not; not supported")
+    return shard
 
 
 def _coverage_index(obj: ProtectedObjective, param_index: int) -> int:

@@ -37,7 +37,7 @@ class ReportConstants:
         from .rule import PINV_RTOL
 
         rule = plan.rule
-        mean_norm2, constraint_pinv, cross = [], [], []
+        mean_norm2, constraint_grams, cross = [], [], []
         for bi, b in enumerate(plan.blocks):
             means = [b.mean_operand(t) for t in range(b.num_tensors)]
             mean_norm2.append(np.array([float(operand_gram([m])[0, 0]) for m in means]))
@@ -47,10 +47,9 @@ class ReportConstants:
                 for t in range(b.num_tensors):
                     op = b.operand(t)
                     grams.append(operand_gram([op if isinstance(op, LowRankRow) else op[cons]]))
-                grams = np.stack([sum(grams)]) if b.scope == "global" else np.stack(grams)
-                constraint_pinv.append(np.linalg.pinv(grams, rcond=PINV_RTOL, hermitian=True))
+                constraint_grams.append(np.stack([sum(grams)]) if b.scope == "global" else np.stack(grams))
             else:
-                constraint_pinv.append(None)
+                constraint_grams.append(None)
             per_tensor = []
             for t, p in enumerate(b.positions):
                 acting = [plan.blocks[bj].operand(rule.local_index[(bj, p)]) for bj, _ in plan.touching[p] if bj in rule.local[p]]
@@ -60,6 +59,16 @@ class ReportConstants:
                 else:
                     per_tensor.append(np.zeros(0))
             cross.append(per_tensor)
+        if plan.shard is not None:  # every entry is a sum over entries: add the ranks' parts
+            from .sharding import all_reduce_arrays
+
+            flat = mean_norm2 + [g for g in constraint_grams if g is not None] + [c for per in cross for c in per]
+            flat = all_reduce_arrays(flat, plan.shard)
+            nb = len(mean_norm2)
+            mean_norm2, rest = flat[:nb], iter(flat[nb:])
+            constraint_grams = [None if g is None else next(rest) for g in constraint_grams]
+            cross = [[next(rest) for _ in per] for per in cross]
+        constraint_pinv = [None if g is None else np.linalg.pinv(g, rcond=PINV_RTOL, hermitian=True) for g in constraint_grams]
         consts = plan.cache["report"] = cls(mean_norm2, constraint_pinv, cross)
         return consts
 

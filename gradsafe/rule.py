@@ -61,11 +61,13 @@ class _Segment:
 class HostRule:
     """Precomputed structure of the joint rule for one plan."""
 
-    def __init__(self, blocks: list["Block"], touching: list[list[tuple[int, slice]]]) -> None:
+    def __init__(self, blocks: list["Block"], touching: list[list[tuple[int, slice]]], reduce=None) -> None:
+        """``reduce``: sums a list of host arrays across ranks (sharded memory: the Grams of
+        each rank's rows are partial sums)."""
         with single_threaded_blas():
-            self._build(blocks, touching)
+            self._build(blocks, touching, reduce)
 
-    def _build(self, blocks: list["Block"], touching: list[list[tuple[int, slice]]]) -> None:
+    def _build(self, blocks: list["Block"], touching: list[list[tuple[int, slice]]], reduce=None) -> None:
         self.blocks = blocks
         num_pos = len(touching)
 
@@ -87,6 +89,8 @@ class HostRule:
                 parts.append(b.operand(self.local_index[(bi, p)]))
             self.local.append(offsets)
             self.tensor_grams.append(operand_gram(parts) if parts else np.zeros((0, 0)))
+        if reduce is not None:
+            self.tensor_grams = reduce(self.tensor_grams)
 
         # ---- rule columns
         self.segments: list[_Segment] = []

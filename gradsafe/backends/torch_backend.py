@@ -80,7 +80,7 @@ class TorchBackend:
         coefs = torch.empty(plan.coef_numel, dtype=torch.float32, device=plan.device)
         norms = coefs[plan.norms_offset :]
         if plan.factor_ops:  # the factored operators act first (docs/math.md section 7)
-            run_factor_ops(plan.factor_ops, work, coefs)
+            run_factor_ops(plan.factor_ops, work, coefs, plan.shard)
         for pos, rows, offset, first in views.coef:
             h = work[pos]
             if isinstance(rows, LowRankRow):
@@ -89,6 +89,8 @@ class TorchBackend:
                 torch.mv(rows, h, out=coefs[offset : offset + rows.shape[0]])
             if first:  # |h|^2 right after the first read of h, while it is still in cache
                 torch.dot(h, h, out=norms[pos])
+        if plan.shard is not None:  # FSDP2: each rank summed its own rows; one all-reduce
+            plan.shard.all_reduce_(coefs)
         host = coefs.cpu().numpy()  # the step's one device-to-host transfer
 
         weights = None

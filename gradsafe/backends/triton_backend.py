@@ -116,9 +116,9 @@ class TritonBackend:
         return gtab, lay.tiles_for(tuple(k.DTYPE_CODES[d] for d in dts))
 
     def run(self, plan: Plan, tensors: list[torch.Tensor]) -> StepRecord:
-        if plan.has_factored:
-            # factored operators and low-rank references are matmuls: cuBLAS through the torch
-            # backend (docs/kernels.md)
+        if plan.has_factored or plan.shard is not None:
+            # factored operators and low-rank references are matmuls (cuBLAS through the torch
+            # backend); sharded plans need the all-reduce of the coefficients (docs/kernels.md)
             if self._torch is None:
                 from .torch_backend import TorchBackend
 
