@@ -3,7 +3,10 @@
 Run with ``python -m pytest benchmarks -q`` (not part of the test suite). The problem is
 PERF.md's CPU setting scaled by ``GRADSAFE_BENCH_NUMEL`` (default 10M parameters in 50
 tensors, k = 8, fp32). Compare the medians in one run; ``gradsafe bench`` prints the same
-comparison as a table of ratios.
+comparison as a table of ratios. The factored cases (``-k factored``) time the factored
+projection on ``GRADSAFE_BENCH_FACTORED_LAYERS`` (default 4) square matrices of side
+``GRADSAFE_BENCH_FACTORED_SIZE`` (default 512), rank 16, against the naive two-sided loop and
+the read+write floor; ``gradsafe bench --scope factored`` prints them as a table.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 
 from gradsafe.backends import get_backend
 from gradsafe.bench import make_problem, naive_step
+from gradsafe.bench_factored import make_factored_problem, naive_two_sided
 
 NUMEL = int(os.environ.get("GRADSAFE_BENCH_NUMEL", 10_000_000))
 
@@ -47,3 +51,26 @@ def test_adamw_step(benchmark, problem, fused):
     _set_grads(problem)
     opt = torch.optim.AdamW(problem.params, lr=1e-3, fused=fused)
     benchmark(opt.step)
+
+
+# ---------------------------------------------------------------------- the factored scope
+FACTORED_LAYERS = int(os.environ.get("GRADSAFE_BENCH_FACTORED_LAYERS", 4))
+FACTORED_SIZE = int(os.environ.get("GRADSAFE_BENCH_FACTORED_SIZE", 512))
+
+
+@pytest.fixture(scope="module")
+def factored_problem():
+    return make_factored_problem(FACTORED_LAYERS, FACTORED_SIZE, FACTORED_SIZE, 16)
+
+
+def test_factored_torch_backend(benchmark, factored_problem):
+    backend = get_backend("torch")
+    benchmark(backend.run, factored_problem.plan, factored_problem.grad_sets[0])
+
+
+def test_factored_naive_two_sided(benchmark, factored_problem):
+    benchmark(naive_two_sided, factored_problem.memories, factored_problem.grad_sets[0])
+
+
+def test_factored_floor(benchmark, factored_problem):
+    benchmark(torch._foreach_mul_, factored_problem.grad_sets[0], 1.0)

@@ -15,6 +15,11 @@ one.
   the measured copy bandwidth), every variant's median, the Triton backend's ratio to the
   floor, its speed-up over the naive loop and over the torch backend, its GB/s and its
   kernel launches per step; then the targets of issue 3, checked.
+- ``gradsafe bench --scope factored`` (``gradsafe.bench_factored``): the factored scope's
+  projection ``(I - P^T P) G (I - Q^T Q)`` on ``--layers`` weight matrices of ``--shape M N``
+  (torch backend, matmuls and one ``addmm_`` per matrix) against the floor of reading and
+  writing G once, the naive two-sided projection and the AdamW step; then the factored
+  memory against a flat tensor-scope basis of the same rank.
 
 Bytes-moved floors per parameter (../shared/PERF.md), with s_g, s_U the bytes of a gradient
 and a basis element: fused surgery ``(2k + 1) s_U + 3 s_g`` (the coefficient pass reads the
@@ -423,8 +428,17 @@ def _ints(text: str) -> tuple[int, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--numel", type=int, default=None, help="parameters in all (default 10M on CPU, 32M on GPU)")
     parser.add_argument("--tensors", type=int, default=50, help="number of parameter tensors (default 50)")
-    parser.add_argument("--rank", type=int, default=8, help="basis rank k (default 8)")
-    parser.add_argument("--scope", choices=("global", "tensor"), default="global")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="basis rank k (default 8; --scope factored: 16 on CPU, 64 on GPU, 8 with --quick)")
+    parser.add_argument("--scope", choices=("global", "tensor", "factored"), default="global",
+                        help="global, tensor, or factored (the factored projection; --tensors / --numel are ignored)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="--scope factored: weight matrices (default 8 on CPU, 16 on GPU, 4 with --quick)")
+    parser.add_argument("--shape", type=int, nargs=2, metavar=("M", "N"), default=None,
+                        help="--scope factored: each matrix's shape (default 1024 1024 on CPU, 4096 4096 on GPU, "
+                             "256 256 with --quick)")
+    parser.add_argument("--sides", choices=("both", "left", "right"), default="both",
+                        help="--scope factored: which bases the objective has (default both)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (default 15; sweep 10)")
     parser.add_argument("--backend", default="torch", help="gradsafe backend to time (default torch)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -443,7 +457,12 @@ def _emit(text: str, out: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.scope == "factored":
+        from .bench_factored import run_factored
+
+        return run_factored(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank = args.rank if args.rank is not None else 8
     if args.sweep:
         if device.type != "cuda":
             print("gradsafe bench --sweep measures the Triton kernels against the memory floor: it needs a CUDA device")
@@ -460,13 +479,13 @@ def run(args: argparse.Namespace) -> int:
     default_numel = 10_000_000 if device.type == "cpu" else 1 << 25
     numel = 1_000_000 if args.quick else (args.numel or default_numel)
     rounds = 5 if args.quick else (args.rounds or 15)
-    problem = make_problem(numel, args.tensors, args.rank, args.scope, device=device)
+    problem = make_problem(numel, args.tensors, rank, args.scope, device=device)
     cases, floors = cases_for(problem, args.backend, device)
     times = measure(cases, rounds, device)
     peak = copy_bandwidth(device) if device.type == "cuda" else None
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     text = (
-        f"gradsafe bench: {problem.numel:,} parameters in {args.tensors} tensors, k={args.rank}, "
+        f"gradsafe bench: {problem.numel:,} parameters in {args.tensors} tensors, k={rank}, "
         f"scope={args.scope}, fp32 gradients, {where}, {rounds} interleaved rounds\n"
         + format_table(times, floors, problem.numel, peak)
     )

@@ -348,7 +348,8 @@ def run_factor_ops(ops: list[FactorOp], work: list[torch.Tensor], coefs: torch.T
     for op in ops:
         m, n = op.shape
         h = work[op.position].view(m, n)
-        coefs[op.norm_offset] = _sq(h)
+        flat = work[op.position].view(-1)
+        torch.dot(flat, flat, out=coefs[op.norm_offset])  # no (m, n) temporary
         per_stat = []
         T_parts = []
         for st in op.stats:
