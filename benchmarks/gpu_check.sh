@@ -4,9 +4,10 @@
 #   2. `gradsafe bench --sweep`: the table of issue 3 (naive loop, torch backend, Triton backend,
 #      AdamW default / fused, bytes floor; k = 1, 4, 16, 64; fp32 / bf16 basis; global / tensor
 #      scope; 1, 200, 500 tensors) with the targets checked;
-#   3. `gradsafe bench` on one configuration (200 tensors, k = 16).
+#   3. `gradsafe bench` on one configuration (200 tensors, k = 16);
+#   4. `gradsafe bench --scope factored` (16 matrices of 4096 x 4096, rank 64: matmuls).
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (default: $OUT if set, else benchmarks/gpu_out)
-# Writes OUT_DIR/{env.txt,tests.txt,sweep.txt,sweep.log,single.txt,summary.txt}. Each stage has
+# Writes OUT_DIR/{env.txt,tests.txt,sweep.txt,sweep.log,single.txt,factored.txt,summary.txt}. Each stage has
 # its own time limit; the sweep prints its rows as it goes (sweep.log), so a stage cut short
 # still leaves its measured rows.
 set -u
@@ -42,5 +43,10 @@ timeout 50 python -m gradsafe.cli bench --tensors 200 --rank 16 --rounds 10 --ou
 RC_SINGLE=${PIPESTATUS[0]}
 echo "single exit $RC_SINGLE ($(( $(date +%s) - T0 )) s)" | tee -a "$DEST/summary.txt"
 
+echo "== 4. factored scope" | tee -a "$DEST/summary.txt"
+timeout 60 python -m gradsafe.cli bench --scope factored --rounds 10 --out "$DEST/factored.txt" 2>&1 | tail -12
+RC_FACTORED=${PIPESTATUS[0]}
+echo "factored exit $RC_FACTORED ($(( $(date +%s) - T0 )) s)" | tee -a "$DEST/summary.txt"
+
 [ -f "$DEST/sweep.txt" ] && grep -A10 "^targets:" "$DEST/sweep.txt" | tee -a "$DEST/summary.txt"
-exit $(( RC_TESTS != 0 || RC_SWEEP != 0 || RC_SINGLE != 0 ))
+exit $(( RC_TESTS != 0 || RC_SWEEP != 0 || RC_SINGLE != 0 || RC_FACTORED != 0 ))
