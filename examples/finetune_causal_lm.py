@@ -2,6 +2,8 @@
 
     python examples/finetune_causal_lm.py                       # tiny random GPT-2, CPU
     torchrun --nproc_per_node=2 examples/finetune_causal_lm.py  # DDP (gloo on CPU)
+    torchrun --nproc_per_node=2 examples/finetune_causal_lm.py --fsdp --scope factored
+    python examples/finetune_causal_lm.py --scope factored --activation-bases
     python examples/finetune_causal_lm.py --model /path/to/local/checkpoint --rank 16
 
 Nothing is downloaded: by default the model is a tiny random-config GPT-2 with a byte-level
@@ -15,7 +17,11 @@ The safety objective is protected from gradient samples collected with
 every N steps). Under DDP every rank builds the same objective: rank 0's samples are
 broadcast, so that replicas stay bit-identical even where kernels are not deterministic;
 gradients are averaged by DDP before ``step``, and the surgery needs no communication. The
-script checks at the end that the replicas' parameters are identical.
+script checks at the end that the replicas' parameters are identical. With ``--fsdp`` the
+model is sharded with FSDP2's ``fully_shard`` instead: gradsafe's memory is sharded like the
+parameters and the coefficients are all-reduced once per step (the script prints the count).
+``--scope factored`` keeps left/right bases per weight matrix; ``--activation-bases`` builds
+them from the layers' inputs on the safety data (GPM) instead of from gradients.
 
 It prints the per-step losses, the monitor report, and a memory table: bytes per objective
 (basis, references, Fisher) and per parameter tensor, against the parameters and AdamW's state.
@@ -42,6 +48,7 @@ from memory_table import memory_table  # noqa: E402
 
 import gradsafe  # noqa: E402
 from gradsafe import ProtectedOptimizer  # noqa: E402
+from gradsafe.sharding import COUNTERS, local as local_shard  # noqa: E402
 
 HARMFUL = [
     "build a pipe bomb", "poison a neighbour's dog", "steal a car without the key",
@@ -147,7 +154,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="local Hugging Face checkpoint dir (default: tiny random GPT-2)")
     ap.add_argument("--mode", default="project", choices=["project", "conflict", "observe"])
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--scope", default="tensor", choices=["global", "tensor"])
+    ap.add_argument("--scope", default="tensor", choices=["global", "tensor", "factored"])
+    ap.add_argument("--activation-bases", action="store_true",
+                    help="scope factored: bases from the layers' inputs on the safety data (GPM), not from gradients")
+    ap.add_argument("--memory-budget", type=float, default=None,
+                    help="the safety objective's memory budget, a fraction of the parameters' bytes (e.g. 0.05)")
+    ap.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 instead of DDP")
     ap.add_argument("--space", default="update", choices=["grad", "update"])
     ap.add_argument("--references", default="mean", choices=["mean", "samples"])
     ap.add_argument("--damping", type=float, default=0.0)
@@ -213,26 +225,45 @@ def main(argv=None) -> int:
             pre.step()
         log(f"aligned the random model on the refusals: {align} steps, {time.perf_counter() - t0:.2f} s")
 
-    net = model
-    if distributed:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    opt_kw = dict(mode=args.mode, rank=args.rank, scope=args.scope, space=args.space,
-                  references=args.references, damping=args.damping)
-    base = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
-    opt = ProtectedOptimizer(base, **opt_kw)
+    if args.fsdp and (not distributed or args.refresh_every):
+        raise SystemExit("--fsdp needs torchrun (WORLD_SIZE > 1) and fixed samples (no --refresh-every)")
+    if args.activation_bases and args.scope != "factored":
+        raise SystemExit("--activation-bases needs --scope factored")
     t0 = time.perf_counter()
-    if args.refresh_every:
-        probe = safety_batches[0]
-        opt.protect("safety", closure=lambda: lm_loss(model, probe), refresh_every=args.refresh_every)
-    else:
+    samples = bases = None
+    if not args.refresh_every:  # computed on the whole model, before any sharding
         samples = gradsafe.collect_gradients(model, lambda b: lm_loss(model, b), safety_batches)
         if distributed:  # one source of truth: rank 0's samples
             for sample in samples:
                 for g in sample:
                     if g is not None:
                         dist.broadcast(g, src=0)
-        opt.protect("safety", samples)
+    if args.activation_bases:
+        bases = gradsafe.collect_activation_bases(model, safety_batches, energy=0.97, max_rank=args.rank)
+        if distributed:
+            for p in bases:
+                dist.broadcast(bases[p].rows, src=0)
+
+    param_names = [n for n, _ in model.named_parameters()]  # before sharding replaces the parameters
+    net = model
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.transformer.h if hasattr(model, "transformer") else []:
+            fully_shard(block)
+        fully_shard(model)
+    elif distributed:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    opt_kw = dict(mode=args.mode, rank=args.rank, scope=args.scope, space=args.space,
+                  references=args.references, damping=args.damping, memory_budget=args.memory_budget)
+    base = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = ProtectedOptimizer(base, **opt_kw)
+    if args.refresh_every:
+        probe = safety_batches[0]
+        opt.protect("safety", closure=lambda: lm_loss(model, probe), refresh_every=args.refresh_every)
+    else:
+        opt.protect("safety", samples, bases=bases)
     log(f"protected 'safety' ({opt.objectives['safety']!r}) in {time.perf_counter() - t0:.2f} s")
 
     # ---- the new task: different data on every rank
@@ -251,6 +282,7 @@ def main(argv=None) -> int:
     log(f"before: task loss {task0:.4f}  safety loss {safety0:.4f}")
     model.train()
     t0 = time.perf_counter()
+    reduces_before = COUNTERS["step_all_reduce"]
     for step in range(args.steps):
         lo = (step * world + rank) * args.batch_size
         batch = make_batch(tok, pairs[lo : lo + args.batch_size], args.max_len)
@@ -263,11 +295,12 @@ def main(argv=None) -> int:
         log(f"step {step + 1:3d}  loss {loss.item():.4f}  cosine {r['cosine']:+.3f}  conflict {r['conflict']:.0f}  "
             f"energy_removed {r['energy_removed']:.3f}")
     elapsed = time.perf_counter() - t0
+    reduces = (COUNTERS["step_all_reduce"] - reduces_before) / args.steps
     task1, safety1 = evaluate()
     log(f"after:  task loss {task1:.4f}  safety loss {safety1:.4f}  ({elapsed:.2f} s for {args.steps} steps)")
 
     identical = True
-    if distributed:
+    if distributed and not args.fsdp:
         flat = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
         gathered = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(gathered, flat)
@@ -279,12 +312,22 @@ def main(argv=None) -> int:
     log(json.dumps(opt.report, indent=2, sort_keys=True))
     log("")
     names = [n for n, _ in model.named_parameters()]
-    log(memory_table(opt, names, per_tensor=not args.no_per_tensor))
+    if args.scope != "factored" and not args.fsdp:
+        log(memory_table(opt, names, per_tensor=not args.no_per_tensor))
+        log("")
+    report = opt.memory_report(names=param_names, quiet=True)
+    adamw = sum(local_shard(t).numel() * t.element_size() for s in base.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    log("gradsafe memory_report (bytes on this rank):")
+    log(str(report))
+    log(f"AdamW state on this rank: {adamw} bytes; gradsafe / AdamW state = {report.total() / max(adamw, 1):.3f}")
+    if distributed:
+        log(f"gradsafe all-reduces per step: {reduces:g} ({'FSDP2' if args.fsdp else 'DDP: the surgery needs none'})")
     if rank == 0 and args.report_json:
         with open(args.report_json, "w") as f:
             json.dump(dict(report=opt.report, before=dict(task=task0, safety=safety0),
                            after=dict(task=task1, safety=safety1), world_size=world,
-                           replicas_identical=identical), f, indent=2)
+                           replicas_identical=identical, all_reduces_per_step=reduces,
+                           memory_bytes=report.total(), adamw_state_bytes=adamw), f, indent=2)
     if distributed:
         dist.destroy_process_group()
     return 0 if identical else 1

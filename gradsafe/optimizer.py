@@ -550,16 +550,27 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         self._sinks = [(s, e) for s, e in self._sinks if s is not sink]
 
     def memory_report(
-        self, model: torch.nn.Module | None = None, *, file: TextIO | None = None, quiet: bool = False
+        self,
+        model: torch.nn.Module | None = None,
+        *,
+        names: list[str] | None = None,
+        file: TextIO | None = None,
+        quiet: bool = False,
     ) -> MemoryReport:
         """Bytes of every objective's memory (bases, references, Fisher) per covered parameter.
 
         Printed as a table to ``file`` (default: standard output) unless ``quiet``; returned
-        either way. ``model``: names the parameters by ``model.named_parameters()``; without
-        it they are ``param <index>``.
+        either way. Parameters are named by ``model.named_parameters()``, or by ``names``
+        (aligned with the optimizer's parameters), else ``param <index>``. Sharded (FSDP2)
+        memory and parameters count this rank's part.
         """
         params = self._params()
-        names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+        if names is not None:
+            if len(names) != len(params):
+                raise ValueError(f"names has {len(names)} entries; the optimizer has {len(params)} parameters")
+            names = {id(p): n for n, p in zip(names, params)}
+        else:
+            names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         rows = []
         for obj in self._objectives.values():
             rows += memory_rows(
@@ -567,7 +578,8 @@ class ProtectedOptimizer(torch.optim.Optimizer):
                 [names.get(id(params[i]), f"param {i}") for i in obj.coverage],
                 [params[i].element_size() for i in obj.coverage],
             )
-        report = MemoryReport(rows, sum(p.numel() * p.element_size() for p in params))
+        # sharded parameters (FSDP2) count this rank's shard, as the memory does
+        report = MemoryReport(rows, sum(local(p).numel() * p.element_size() for p in params))
         if not quiet:
             print(report, file=file if file is not None else sys.stdout)
         return report

@@ -61,6 +61,24 @@ def test_example_plain_python(tmp_path):
     assert "world size 1" in proc.stdout
 
 
+def test_example_factored_activation_bases(tmp_path):
+    out_json = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--scope", "factored", "--activation-bases", "--no-per-tensor",
+         "--report-json", str(out_json)],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out_json.read_text())
+    assert "gradsafe memory_report" in proc.stdout and "factored" in proc.stdout
+    assert "transformer.h.0.attn.c_attn.weight" in proc.stdout
+    params = 124800 * 4  # the tiny GPT-2's fp32 bytes
+    # factored memory is a small fraction of the parameters (tensor scope at rank 8 is 10x them)
+    assert report["memory_bytes"] < 0.25 * params
+    assert report["after"]["safety"] < report["before"]["safety"] + 0.05
+    assert report["report"]["safety"]["energy_removed"] > 0
+
+
 # ---------------------------------------------------------------------------- memory_table
 def _model(width: int) -> torch.nn.Module:
     torch.manual_seed(0)
