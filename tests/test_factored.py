@@ -404,3 +404,33 @@ def test_factored_closure_refresh():
         versions.append(opt.objectives["old"].num_refreshes)
     assert versions == [0, 0, 1, 1]  # due after steps 2 and 4, run at the start of the next
     assert math.isfinite(opt.report["old"]["cosine"])
+
+
+def test_space_update_projects_the_parameter_change():
+    params, gen = _model_params([(8, 10), (8,)])
+    opt = ProtectedOptimizer(torch.optim.Adam(params, lr=0.05), {"old": _samples(params, gen, 3)},
+                             scope="factored", rank=2, space="update")
+    fm = opt.objectives["old"].factors[0]
+    for _ in range(3):
+        before = params[0].detach().clone()
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        delta = (params[0].detach() - before).double()
+        # Adam's update is projected: no part of the weight's change lies in the factored subspace
+        assert float(factored_component(delta, fm.left, fm.right).abs().max()) < 1e-6
+        assert float(delta.abs().max()) > 1e-3
+
+
+def test_gradient_monitor_observes_a_factored_objective():
+    from gradsafe import GradientMonitor
+
+    params, gen = _model_params([(8, 12)])
+    monitor = GradientMonitor(params, {"old": _samples(params, gen, 3)}, scope="factored", rank=2)
+    g = torch.randn(8, 12, generator=gen)
+    params[0].grad = g.clone()
+    stats = monitor.measure()["old"]
+    fm = monitor._inner.objectives["old"].factors[0]
+    inside = factored_component(g, fm.left, fm.right).double()
+    assert stats["energy_in_subspace"] == pytest.approx(float((inside**2).sum() / (g.double() ** 2).sum()), rel=1e-4)
+    torch.testing.assert_close(params[0].grad, g)  # observing changes nothing
