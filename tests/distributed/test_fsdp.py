@@ -5,7 +5,8 @@ shards uneven (5 rows split 3 + 2, 3 rows 2 + 1, and 1 row 1 + 0: an empty shard
 configuration trains on both ranks and, for the reference, in one process on the gradient
 FSDP averages (the mean of the two ranks' losses). Per configuration the test checks:
 
-- the full parameters equal the single-process result to fp32 tolerance, on both ranks;
+- the full parameters equal the single-process result to fp32 tolerance, on both ranks
+  (with new samples merged into the sharded memory half way);
 - each rank holds only its rows of the memory (the memory is sharded like the parameters)
   and the report is the same on both ranks and matches the reference;
 - the communication per step: exactly one all-reduce of the coefficients (two when a
@@ -110,7 +111,10 @@ def _train_steps(model, opt, rank, steps, start=0):
 
 def _train(name: str, rank: int | None, ckpt_dir: str | None = None) -> dict:
     model, opt = _make(name, rank)
-    reduces = _train_steps(model, opt, rank, STEPS)
+    reduces = _train_steps(model, opt, rank, STEPS // 2)
+    # merging into sharded memory: gather, merge whole on every rank, keep the local part
+    opt.add_samples("safety", _samples()[1:3])
+    reduces += _train_steps(model, opt, rank, STEPS - STEPS // 2, start=STEPS // 2)
     obj = opt.objectives["safety"]
     out = dict(
         params=[_full(p) for p in model.parameters()],
