@@ -369,7 +369,7 @@ def run_factor_ops(ops: list[FactorOp], work: list[torch.Tensor], coefs: torch.T
             if S_o is not None:
                 ps[2] = st.memory.left @ T_o if T_o is not None else None  # P_o T_o
                 ps[3] = st.memory.left @ A if A is not None else None  # P_o A
-                partials += [x for x in ps[:4] if x is not None and x is not T_o]
+                partials += [x for x in (S_o, ps[2], ps[3]) if x is not None]
         staged.append((op, h, per_stat, A, TK))
     if shard is not None and partials:
         flat = torch.cat([x.reshape(-1) for x in partials])

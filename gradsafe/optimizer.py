@@ -459,10 +459,11 @@ class ProtectedOptimizer(torch.optim.Optimizer):
                 # an expanded gradient (set by hand; autograd never makes one) cannot be
                 # changed in place: give the parameter its own copy first
                 p.grad = p.grad.contiguous()
+        grads = [p.grad for p in covered]
         if plan.shard is not None:  # FSDP2: work on each rank's shards (views of the DTensors)
-            covered = [local(p) for p in covered]
+            covered, grads = [local(p) for p in covered], [local(g) for g in grads]
         if self.space == "grad" or not step_base:
-            tensors = [local(p.grad) if plan.shard is not None else p.grad for p in (params[i] for i in plan.param_indices)]
+            tensors = grads
             record = self._backend.run(plan, tensors)
             if step_base:
                 self.base_optimizer.step()

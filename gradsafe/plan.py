@@ -258,7 +258,7 @@ def _factor_ops(blocks: list[Block], covered: list[int], norms_offset: int, shar
         stats, lefts, ls, rights, rs = [], [], [], [], []
         for b, t in by_pos[p]:
             obj = b.objective
-            mem = obj.factors[_coverage_index(obj, covered[p])]
+            mem = obj.factors[obj.coverage.index(covered[p])]
             acting = obj.config.mode == "project" and obj.config.strength > 0
             lrows = rrows = None
             if acting and mem.rank_left:
@@ -302,7 +302,3 @@ def _plan_shard(objectives: Sequence[ProtectedObjective], active: Collection[int
     if shard is not None and any(o.shard is None for o in live):
         raise ValueError("some protected objectives are sharded (FSDP2) and others are not; not supported")
     return shard
-
-
-def _coverage_index(obj: ProtectedObjective, param_index: int) -> int:
-    return obj.coverage.index(param_index)
