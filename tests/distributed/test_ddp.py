@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import gradsafe
 from gradsafe import ProtectedOptimizer
+
+from _spawn import run_spawned
 
 WORLD = 2
 STEPS = 5
@@ -156,20 +155,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory) -> dict[int, dict]:
-    tmp = tmp_path_factory.mktemp("ddp")
-    init_file = tmp / "rendezvous"
-    ctx = mp.start_processes(_worker, args=(str(init_file), str(tmp)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"DDP workers did not finish within {JOIN_TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-    return {r: torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)}
+    return run_spawned(_worker, tmp_path_factory.mktemp("ddp"), WORLD, JOIN_TIMEOUT_S, "DDP")
 
 
 @pytest.fixture(scope="module")

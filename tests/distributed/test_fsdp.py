@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 pytest.importorskip("torch.distributed.fsdp")
 
 import gradsafe  # noqa: E402
 from gradsafe import ProtectedOptimizer  # noqa: E402
+from _spawn import run_spawned  # noqa: E402
 
 WORLD = 2
 STEPS = 4
@@ -173,19 +172,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory) -> dict[int, dict]:
-    tmp = tmp_path_factory.mktemp("fsdp")
-    ctx = mp.start_processes(_worker, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"FSDP workers did not finish within {JOIN_TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-    return {r: torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)}
+    return run_spawned(_worker, tmp_path_factory.mktemp("fsdp"), WORLD, JOIN_TIMEOUT_S, "FSDP")
 
 
 @pytest.fixture(scope="module")
