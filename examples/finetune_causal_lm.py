@@ -329,8 +329,21 @@ def main(argv=None) -> int:
                            replicas_identical=identical, all_reduces_per_step=reduces,
                            memory_bytes=report.total(), adamw_state_bytes=adamw), f, indent=2)
     if distributed:
-        dist.destroy_process_group()
+        shutdown()
     return 0 if identical else 1
+
+
+def shutdown() -> None:
+    """Barrier, then tear the process group down.
+
+    Without the barrier a rank can hang at exit after its work is done: the gloo group's
+    destructor runs when its last owner (DDP's reducer) is freed as ``main`` returns, holds
+    the GIL, and joins a worker thread that needs the GIL to free the tensors of the last
+    collective. While this thread waits in the barrier (GIL released), the workers finish
+    with those tensors first.
+    """
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
