@@ -330,6 +330,104 @@ def _sq(x: torch.Tensor) -> torch.Tensor:
     return (x * x).sum()
 
 
+@dataclass
+class _Staged:
+    """One tensor between the two phases of the factored stage."""
+
+    op: FactorOp
+    h: torch.Tensor  # (m, n) view of the tensor (this rank's rows when sharded)
+    per_stat: list[dict]  # per FactorStat: S (P h), T (h Q^T), C (P T), PA (P A), AtV (A^T V)
+    A: torch.Tensor | None
+    TK: torch.Tensor | None
+    AtA: torch.Tensor | None
+
+
+def factor_partials(ops: list[FactorOp], work: list[torch.Tensor], coefs: torch.Tensor) -> tuple[list[_Staged], list[torch.Tensor]]:
+    """Phase 1 of the factored stage: everything that reads ``h``, nothing that changes it.
+
+    Writes to ``coefs`` what is a sum over this rank's rows (``|h|^2``, ``|T_o|^2``,
+    ``<T_o, V_o>``), and returns the small matrices that are also such sums (``S_o = P_o h``,
+    ``P_o T_o``, ``P_o A``, ``A^T V_o``, ``A^T A``): under FSDP2 they are all-reduced before
+    phase 2 (``factor_finish``); in one process they are already whole.
+    """
+    staged, partials = [], []
+    for op in ops:
+        m, n = op.shape
+        h = work[op.position].view(m, n)
+        flat = work[op.position].view(-1)
+        torch.dot(flat, flat, out=coefs[op.norm_offset])  # no (m, n) temporary
+        per_stat, T_parts = [], []
+        for st in op.stats:
+            mem = st.memory
+            S_o = mem.left @ h if mem.rank_left else None
+            T_o = h @ mem.right.T if mem.rank_right else None
+            per_stat.append({"S": S_o, "T": T_o})
+            if st.right_rows is not None and T_o is not None:
+                T_parts.append(T_o)
+            right = [_sq(T_o), (T_o * mem.ref_right).sum()] if T_o is not None else [h.new_zeros(())] * 2
+            # DOT and DOT_AFTER start as <T_o, V_o>; LEFT and BOTH as 0: phase 2 adds the rest
+            coefs[st.offset : st.offset + NUM_STATS] = torch.stack([right[1], h.new_zeros(()), right[0], h.new_zeros(()), right[1]])
+        A = TK = AtA = None
+        if op.acts:
+            T = torch.cat(T_parts, dim=1) if T_parts else None
+            TK = None if T is None else (T if op.right_kinv is None else T @ op.right_kinv)
+            A = torch.cat([x for x in (TK, None if op.left is None else op.left.T) if x is not None], dim=1)
+            AtA = A.T @ A
+            partials.append(AtA)
+        for st, ps in zip(op.stats, per_stat):
+            mem = st.memory
+            if ps["S"] is not None:
+                ps["C"] = mem.left @ ps["T"] if ps["T"] is not None else None
+                ps["PA"] = mem.left @ A if A is not None else None
+                partials += [x for x in (ps["S"], ps["C"], ps["PA"]) if x is not None]
+            if ps["T"] is not None and A is not None:
+                ps["AtV"] = A.T @ mem.ref_right
+                partials.append(ps["AtV"])
+        staged.append(_Staged(op, h, per_stat, A, TK, AtA))
+    return staged, partials
+
+
+def factor_finish(staged: list[_Staged], coefs: torch.Tensor, scale: float = 1.0) -> None:
+    """Phase 2: the statistics that need the whole ``S``, then ``h -= A B`` on every tensor.
+
+    ``scale``: 1, or under FSDP2 when ``coefs`` is summed across ranks afterwards, 1 on rank
+    0 and 0 elsewhere (values computed from whole matrices are counted once).
+    """
+    for sg in staged:
+        op, A = sg.op, sg.A
+        B = None
+        if A is not None:
+            acting = [(st, ps) for st, ps in zip(op.stats, sg.per_stat) if st.left_rows is not None and ps["S"] is not None]
+            if acting:
+                S = torch.cat([ps["S"] for _, ps in acting])
+                if sg.TK is not None:  # P T K_R^+ = the acting rows of P_o A's first columns
+                    S = S - torch.cat([ps["PA"][:, : sg.TK.shape[1]] for _, ps in acting]) @ op.right
+                SK = S if op.left_kinv is None else op.left_kinv @ S
+                B = torch.cat([op.right, SK], dim=0) if sg.TK is not None else SK
+            else:
+                B = op.right
+        for st, ps in zip(op.stats, sg.per_stat):
+            mem = st.memory
+            S_o = ps["S"]
+            zero = sg.h.new_zeros(())
+            left_dot = zero if S_o is None else (S_o * mem.ref_left).sum()
+            both = zero if ps.get("C") is None else _sq(ps["C"])
+            after = left_dot
+            if B is not None:
+                # <r, Phi h> from the small factors: P_o Phi h = S_o - (P_o A) B, and
+                # <Phi h Q_o^T, V_o> = <T_o, V_o> - <B Q_o^T, A^T V_o>
+                after = zero if S_o is None else ((S_o - ps["PA"] @ B) * mem.ref_left).sum()
+                if ps["T"] is not None:
+                    after = after - ((B @ mem.right.T) * ps["AtV"]).sum()
+            left = zero if S_o is None else _sq(S_o)
+            coefs[st.offset : st.offset + NUM_STATS] += scale * torch.stack([left_dot, left, zero, both, after])
+        if B is not None:
+            coefs[op.removed_offset] = scale * (sg.AtA * (B @ B.T)).sum()
+            sg.h.addmm_(A, B, alpha=-1.0)
+        else:
+            coefs[op.removed_offset] = 0.0
+
+
 def run_factor_ops(ops: list[FactorOp], work: list[torch.Tensor], coefs: torch.Tensor, shard=None) -> None:
     """Apply every tensor's factored operator in place and write the stage's numbers.
 
@@ -337,83 +435,23 @@ def run_factor_ops(ops: list[FactorOp], work: list[torch.Tensor], coefs: torch.T
     stacked acting ``S``, ``T`` are their concatenation, no extra pass), then one rank-``r``
     ``addmm_``: ``h -= A B`` with ``A = [T K_R^+ | P^T]``, ``B = [Q ; K_L^+ (S - P T K_R^+ Q)]``.
 
-    ``shard`` (FSDP2, ``h`` holds this rank's rows): ``S_o``, ``P_o T_o`` and ``P_o A`` are
-    sums over rows, so every rank computes its part and one all-reduce (for all tensors at
-    once) completes them before any tensor is changed; numbers written to ``coefs`` are this
-    rank's share (the coefficients' own all-reduce adds them up).
+    ``shard`` (FSDP2): the phase-1 partial matrices are all-reduced here, in one call for
+    all tensors; ``coefs`` keeps this rank's share (the coefficients' own all-reduce adds
+    them up). The torch backend avoids this extra all-reduce when no rule row shares a
+    tensor with a factored operator: it sums the partials with the coefficients instead.
     """
-    first = 1.0 if shard is None or shard.rank == 0 else 0.0  # global values: counted once
-    staged = []
-    partials: list[torch.Tensor] = []
-    for op in ops:
-        m, n = op.shape
-        h = work[op.position].view(m, n)
-        flat = work[op.position].view(-1)
-        torch.dot(flat, flat, out=coefs[op.norm_offset])  # no (m, n) temporary
-        per_stat = []
-        T_parts = []
-        for st in op.stats:
-            mem = st.memory
-            S_o = mem.left @ h if mem.rank_left else None
-            T_o = h @ mem.right.T if mem.rank_right else None
-            per_stat.append([S_o, T_o, None, None])
-            if st.right_rows is not None and T_o is not None:
-                T_parts.append(T_o)
-        A = TK = None
-        if op.acts:
-            T = torch.cat(T_parts, dim=1) if T_parts else None
-            TK = None if T is None else (T if op.right_kinv is None else T @ op.right_kinv)
-            A = torch.cat([x for x in (TK, None if op.left is None else op.left.T) if x is not None], dim=1)
-        for st, ps in zip(op.stats, per_stat):
-            S_o, T_o = ps[0], ps[1]
-            if S_o is not None:
-                ps[2] = st.memory.left @ T_o if T_o is not None else None  # P_o T_o
-                ps[3] = st.memory.left @ A if A is not None else None  # P_o A
-                partials += [x for x in (S_o, ps[2], ps[3]) if x is not None]
-        staged.append((op, h, per_stat, A, TK))
+    staged, partials = factor_partials(ops, work, coefs)
     if shard is not None and partials:
-        flat = torch.cat([x.reshape(-1) for x in partials])
-        shard.all_reduce_(flat)
-        off = 0
-        for x in partials:
-            x.copy_(flat[off : off + x.numel()].view_as(x))
-            off += x.numel()
+        sum_across_ranks(partials, shard)
+    factor_finish(staged, coefs, 1.0 if shard is None or shard.rank == 0 else 0.0)
 
-    for op, h, per_stat, A, TK in staged:
-        B = None
-        if op.acts:
-            S_act = [ps[0] for st, ps in zip(op.stats, per_stat) if st.left_rows is not None and ps[0] is not None]
-            if S_act:
-                S = torch.cat(S_act)
-                if TK is not None:  # P T K_R^+ = the acting rows of P_o A's first columns
-                    PTK = torch.cat([ps[3][:, : TK.shape[1]] for st, ps in zip(op.stats, per_stat)
-                                     if st.left_rows is not None and ps[0] is not None])
-                    S = S - PTK @ op.right
-                SK = S if op.left_kinv is None else op.left_kinv @ S
-                B = torch.cat([op.right, SK], dim=0) if TK is not None else SK
-            else:
-                B = op.right
-        zero = h.new_zeros(())
-        for st, (S_o, T_o, C_o, PA_o) in zip(op.stats, per_stat):
-            mem = st.memory
-            left_dot = zero if S_o is None else (S_o * mem.ref_left).sum() * first
-            right_dot = zero if T_o is None else (T_o * mem.ref_right).sum()
-            dot = left_dot + right_dot
-            both = zero if C_o is None else _sq(C_o) * first
-            if B is None:
-                dot_after = dot
-            else:
-                # <r, Phi h> from the small factors: P_o Phi h = S_o - (P_o A) B, Phi h Q_o^T = T_o - A (B Q_o^T)
-                dot_after = zero
-                if S_o is not None:
-                    dot_after = dot_after + ((S_o - PA_o @ B) * mem.ref_left).sum() * first
-                if T_o is not None:
-                    dot_after = dot_after + ((T_o - A @ (B @ mem.right.T)) * mem.ref_right).sum()
-            coefs[st.offset : st.offset + NUM_STATS] = torch.stack(
-                [dot, zero if S_o is None else _sq(S_o) * first, zero if T_o is None else _sq(T_o), both, dot_after]
-            )
-        if B is not None:
-            coefs[op.removed_offset] = ((A.T @ A) * (B @ B.T)).sum()
-            h.addmm_(A, B, alpha=-1.0)
-        else:
-            coefs[op.removed_offset] = 0.0
+
+def sum_across_ranks(tensors: list[torch.Tensor], shard, extra: torch.Tensor | None = None) -> None:
+    """All-reduce several tensors (and ``extra``, e.g. the coefficients) in one call, in place."""
+    parts = ([extra] if extra is not None else []) + tensors
+    flat = torch.cat([x.reshape(-1) for x in parts])
+    shard.all_reduce_(flat)
+    off = 0
+    for x in parts:
+        x.copy_(flat[off : off + x.numel()].view_as(x))
+        off += x.numel()

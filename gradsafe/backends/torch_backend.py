@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..factored import LowRankRow, run_factor_ops
+from ..factored import LowRankRow, factor_finish, factor_partials, run_factor_ops, sum_across_ranks
 from ..plan import Plan
 from .base import StepRecord
 
@@ -32,6 +32,9 @@ class _Views:
 
     coef: list[tuple[int, "torch.Tensor | LowRankRow", int, bool]]  # ..., whether it is the tensor's first read
     apply: list[tuple[int, "torch.Tensor | LowRankRow", slice]]
+    # whether a row's coefficient reads a tensor after its factored operator (then the
+    # operator must act before the coefficient pass)
+    rows_after_factored: bool = False
 
 
 def _views(plan: Plan) -> _Views:
@@ -54,7 +57,8 @@ def _views(plan: Plan) -> _Views:
                     apply.append((pos, applied, slice(offset + live.start, offset + live.stop)))
         # The apply pass runs in reverse: the rows read last by the coefficient pass are the
         # likeliest still to be in cache.
-        cached = plan.cache["torch"] = _Views(coef, apply[::-1])
+        factored = {op.position for op in plan.factor_ops}
+        cached = plan.cache["torch"] = _Views(coef, apply[::-1], any(pos in factored for pos, *_ in coef))
     return cached
 
 
@@ -79,8 +83,14 @@ class TorchBackend:
 
         coefs = torch.empty(plan.coef_numel, dtype=torch.float32, device=plan.device)
         norms = coefs[plan.norms_offset :]
-        if plan.factor_ops:  # the factored operators act first (docs/math.md section 7)
-            run_factor_ops(plan.factor_ops, work, coefs, plan.shard)
+        # the factored operators act first (docs/math.md section 7); when no row reads a
+        # tensor they change, their sums across ranks (FSDP2) ride on the coefficients' all-reduce
+        staged = partials = None
+        if plan.factor_ops:
+            if views.rows_after_factored:
+                run_factor_ops(plan.factor_ops, work, coefs, plan.shard)
+            else:
+                staged, partials = factor_partials(plan.factor_ops, work, coefs)
         for pos, rows, offset, first in views.coef:
             h = work[pos]
             if isinstance(rows, LowRankRow):
@@ -90,7 +100,9 @@ class TorchBackend:
             if first:  # |h|^2 right after the first read of h, while it is still in cache
                 torch.dot(h, h, out=norms[pos])
         if plan.shard is not None:  # FSDP2: each rank summed its own rows; one all-reduce
-            plan.shard.all_reduce_(coefs)
+            sum_across_ranks(partials or [], plan.shard, extra=coefs)
+        if staged is not None:
+            factor_finish(staged, coefs)
         host = coefs.cpu().numpy()  # the step's one device-to-host transfer
 
         weights = None

@@ -9,8 +9,9 @@ FSDP averages (the mean of the two ranks' losses). Per configuration the test ch
   (with new samples merged into the sharded memory half way);
 - each rank holds only its rows of the memory (the memory is sharded like the parameters)
   and the report is the same on both ranks and matches the reference;
-- the communication per step: exactly one all-reduce of the coefficients (two when a
-  factored objective has a left basis: its ``P h`` is a sum over the sharded rows);
+- the communication per step: exactly one all-reduce (the coefficients, carrying the
+  factored stage's partial sums such as ``P h``), two only where a rule row reads a
+  matrix that a factored operator changes;
 - ``torch.distributed.checkpoint`` saves the sharded memory and loads it back (per rank),
   and training resumed from the checkpoint continues exactly.
 """
@@ -42,10 +43,13 @@ CONFIGS: dict[str, dict] = {
     "factored-project": dict(mode="project", scope="factored", rank=2),
     "factored-right-soft": dict(mode="project", scope="factored", rank=2, sides="right", strength=0.7),
     "factored-conflict": dict(mode="conflict", scope="factored", rank=2),
+    # a factored conflict reference on the matrices a factored projection changes
+    "factored-project-and-conflict": dict(mode="project", scope="factored", rank=2, also_conflict=True),
 }
-# all-reduces per step: the coefficients, plus the factored stage's when a left basis acts
-ALL_REDUCES = {name: 2 if cfg.get("scope") == "factored" and cfg.get("sides", "both") != "right" and cfg["mode"] == "project" else 1
-               for name, cfg in CONFIGS.items()}
+# all-reduces per step: one, the coefficients (with the factored stage's partial sums riding
+# on it); two where a rule row reads a matrix a factored operator changes
+ALL_REDUCES = {name: 1 for name in CONFIGS}
+ALL_REDUCES["factored-project-and-conflict"] = 2
 
 
 def _model() -> torch.nn.Module:
@@ -80,12 +84,15 @@ def _make(name: str, rank: int | None):
     # rounding leaves +-1e-8 that the default eps would blow up to full steps of random sign
     cfg = dict(CONFIGS[name])
     space = cfg.pop("space", "grad")
+    also_conflict = cfg.pop("also_conflict", False)
     model = _model()
     if rank is not None:
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(model)
     opt = ProtectedOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-2, eps=1e-4), {"safety": _samples()}, space=space, backend="torch", **cfg)
+    if also_conflict:
+        opt.protect("guard", _samples()[2:], mode="conflict")
     return model, opt
 
 
