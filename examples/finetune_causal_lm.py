@@ -311,9 +311,8 @@ def main(argv=None) -> int:
     log("monitor report (last step):")
     log(json.dumps(opt.report, indent=2, sort_keys=True))
     log("")
-    names = [n for n, _ in model.named_parameters()]
     if args.scope != "factored" and not args.fsdp:
-        log(memory_table(opt, names, per_tensor=not args.no_per_tensor))
+        log(memory_table(opt, param_names, per_tensor=not args.no_per_tensor))
         log("")
     report = opt.memory_report(names=param_names, quiet=True)
     adamw = sum(local_shard(t).numel() * t.element_size() for s in base.state.values() for t in s.values() if isinstance(t, torch.Tensor))

@@ -587,7 +587,8 @@ class ProtectedObjective:
             t = local(t)  # a DTensor loaded by torch.distributed.checkpoint: this rank's rows
             return t.detach().to(device=device if device is not None else t.device, dtype=torch.float32).clone()
 
-        obj.factors = {int(t): FactorMemory.from_state_dict({k: load(v) if isinstance(v, torch.Tensor) else v for k, v in f.items()}, device)
+        # a DTensor (torch.distributed.checkpoint) gives this rank's rows; from_state_dict copies
+        obj.factors = {int(t): FactorMemory.from_state_dict({k: local(v) if isinstance(v, torch.Tensor) else v for k, v in f.items()}, device)
                        for t, f in state.get("factors", {}).items()}
         if sharded is None:
             obj._pack(load(state["basis"]), load(state["mean_ref"]), load(state["sample_refs"]))

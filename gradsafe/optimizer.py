@@ -266,22 +266,22 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             samples = [sample]
         elif grads is not None:
             samples = normalize_samples(grads, name)
+        given = {}
         if bases is None:
             coverage, S = pack_samples(samples, params, name)
-            obj = ProtectedObjective(name, config, coverage, [params[i].shape for i in coverage], closure=closure)
-            obj.param_bytes = sum(params[i].numel() * params[i].element_size() for i in coverage)
         else:
             if config.mode == "conflict" and samples is None:
                 raise ValueError(f"objective {name!r} in mode 'conflict' needs gradient samples or a closure (its reference)")
             given = _bases_by_index(bases, params, name)
             cov = set(given)
             if samples is not None:
-                cov |= set(pack_samples(samples, params, name)[0])
+                cov |= {i for sample in samples for i, t in enumerate(sample) if t is not None}
             coverage = tuple(sorted(cov))
-            obj = ProtectedObjective(name, config, coverage, [params[i].shape for i in coverage], closure=closure)
-            obj.param_bytes = sum(params[i].numel() * params[i].element_size() for i in coverage)
+            S = None if samples is None else pack_samples(samples, params, name, coverage=coverage)[1]
+        obj = ProtectedObjective(name, config, coverage, [params[i].shape for i in coverage], closure=closure)
+        obj.param_bytes = sum(params[i].numel() * params[i].element_size() for i in coverage)
+        if given:
             obj.set_bases({coverage.index(i): fm for i, fm in given.items()})
-            S = None if samples is None else pack_samples(samples, params, name, coverage=coverage, allow_zero=True)[1]
         if S is not None:
             obj.add_samples(S)
         spec = shard_spec(params, coverage)
