@@ -1,13 +1,16 @@
-"""Run a 2-process job from a test: spawn, bounded wait, per-rank results read back."""
+"""Run a multi-process job from a test: each rank's life, the spawn, a bounded wait, the results read back."""
 
 from __future__ import annotations
 
+import datetime
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -29,3 +32,19 @@ def run_spawned(worker: Callable, tmp: Path, world: int, timeout_s: float, label
                 p.terminate()
                 p.join(5)
     return {r: torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)}
+
+
+def run_rank(rank: int, init_file: str, out_dir: str, world: int, timeout_s: float, results: Callable[[], dict]) -> None:
+    """A spawned rank's whole life: join the gloo group, compute ``results()``, save, leave.
+
+    The barrier before the teardown also lets gloo's worker threads release the tensors of
+    the last collective (see examples/finetune_causal_lm.py, ``shutdown``).
+    """
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        torch.save(results(), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -15,17 +15,14 @@ is the slow part), then checks, per configuration:
 
 from __future__ import annotations
 
-import datetime
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import gradsafe
 from gradsafe import ProtectedOptimizer
 
-from _spawn import run_spawned
+from _spawn import run_rank, run_spawned
 
 WORLD = 2
 STEPS = 5
@@ -137,20 +134,7 @@ def _train(name: str, rank: int | None) -> dict:
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        results = {name: _train(name, rank) for name in CONFIGS}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    run_rank(rank, init_file, out_dir, WORLD, 60, lambda: {name: _train(name, rank) for name in CONFIGS})
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,16 @@ FSDP averages (the mean of the two ranks' losses). Per configuration the test ch
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 pytest.importorskip("torch.distributed.fsdp")
 
 import gradsafe  # noqa: E402
 from gradsafe import ProtectedOptimizer  # noqa: E402
-from _spawn import run_spawned  # noqa: E402
+from _spawn import run_rank, run_spawned  # noqa: E402
 
 WORLD = 2
 STEPS = 4
@@ -166,15 +164,7 @@ def _train(name: str, rank: int | None, ckpt_dir: str | None = None) -> dict:
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=90))
-    try:
-        results = {name: _train(name, rank, out_dir) for name in CONFIGS}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    run_rank(rank, init_file, out_dir, WORLD, 90, lambda: {name: _train(name, rank, out_dir) for name in CONFIGS})
 
 
 @pytest.fixture(scope="module")
