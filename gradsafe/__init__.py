@@ -3,8 +3,9 @@
 from .activations import ActivationBases, collect_activation_bases
 from .collect import collect_gradients
 from .monitor import GradientMonitor, JsonlSink, LoggingSink, TensorBoardSink
-from .objective import ObjectiveConfig, ProtectedObjective
+from .objective import ProtectedObjective
 from .optimizer import ProtectedOptimizer
+from .options import ObjectiveConfig
 
 __all__ = [
     "ProtectedOptimizer",

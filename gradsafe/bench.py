@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from .backends import get_backend
-from .objective import ObjectiveConfig, ProtectedObjective
+from .objective import ProtectedObjective
+from .options import ObjectiveConfig
 from .plan import Plan, build_plan
 
 __all__ = [

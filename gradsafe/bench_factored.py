@@ -33,8 +33,10 @@ import torch
 
 from .backends.torch_backend import TorchBackend
 from .bench import _emit, measure
-from .factored import SIDES, FactorMemory, from_bases
-from .objective import ObjectiveConfig, ProtectedObjective
+from .factored import FactorMemory, from_bases
+from .options import SIDES
+from .objective import ProtectedObjective
+from .options import ObjectiveConfig
 from .plan import Plan, build_plan
 
 __all__ = [
@@ -127,7 +129,6 @@ def make_factored_problem(
         Q = orthonormal_rows(n) if sides in ("both", "right") else None
         factors[t] = from_bases(shape=(m, n), left=P, left_energy=None, right=Q, right_energy=None,
                                 mean=randn(m, n), device=device)
-    obj.factors = factors
     obj.set_bases(factors)  # the empty flat part, as for given (activation) bases; bumps version
     return FactoredProblem(params, grad_sets, obj, build_plan([obj], params), rank, sides)
 

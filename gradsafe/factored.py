@@ -12,9 +12,9 @@ off the subspace is
 numbers instead of ``k m n`` for a flat basis. See docs/math.md section 7.
 
 This module holds the memory (``FactorMemory``), its construction from gradient samples
-(randomized SVD of the stacked rows / columns, GPM's energy threshold), the low-rank
-operands the joint rule uses for factored references (``LowRankRow``), and the per-step
-operator stage (``FactorOp``, ``run_factor_ops``).
+(randomized SVD of the stacked rows / columns, GPM's energy threshold), and the per-step
+operator stage (``FactorOp``, ``run_factor_ops``). A factored reference enters the joint
+rule as a low-rank row (``gradsafe.numerics.LowRankRow``).
 """
 
 from __future__ import annotations
@@ -22,23 +22,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
+from .numerics import PINV_RTOL, LowRankRow
 from .subspace import merge_basis
 
 __all__ = [
-    "SIDES",
     "matrix_shape",
     "FactorMemory",
-    "LowRankRow",
-    "operand_gram",
     "FactorOp",
     "FactorStat",
     "run_factor_ops",
 ]
-
-SIDES = ("both", "left", "right")
 
 # per factored (objective, tensor) the operator stage writes these numbers into the
 # block's row of coefficients
@@ -209,67 +204,6 @@ def from_bases(
     return _with_reference(shape, left, le, right, re, mean)
 
 
-# ---------------------------------------------------------------------- low-rank operands
-@dataclass
-class LowRankRow:
-    """A direction over one ``(m, n)`` matrix given as ``X @ Y`` (``X`` (m, s), ``Y`` (s, n)).
-
-    The joint rule treats it as one row: its inner product with a gradient costs one
-    ``(s, m) x (m, n)`` matmul and the rank-``s`` update is one ``addmm_``.
-    """
-
-    X: torch.Tensor
-    Y: torch.Tensor
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.X.shape[0], self.Y.shape[1]
-
-    def dot(self, h2d: torch.Tensor) -> torch.Tensor:
-        """``<X Y, h>`` as a 0-d tensor (no host synchronisation)."""
-        return ((self.X.T @ h2d) * self.Y).sum()
-
-    def add_to(self, h2d: torch.Tensor, weight: torch.Tensor) -> None:
-        """``h += weight * X Y`` in place (``weight`` a 0-d or 1-element device tensor)."""
-        h2d.addmm_(self.X * weight, self.Y)
-
-    def dense(self) -> torch.Tensor:
-        return self.X @ self.Y
-
-
-def _inner(a: "torch.Tensor | LowRankRow", b: "torch.Tensor | LowRankRow") -> np.ndarray:
-    """Inner products between two operands: dense rows ``(r, n)`` or a ``LowRankRow`` (1 row)."""
-    if isinstance(a, LowRankRow) and isinstance(b, LowRankRow):
-        v = ((a.X.double().T @ b.X.double()) * (a.Y.double() @ b.Y.double().T)).sum()
-        return np.array([[float(v)]])
-    if isinstance(a, LowRankRow):
-        return _inner(b, a).T
-    A = a.double()
-    if isinstance(b, LowRankRow):
-        m, n = b.shape
-        # <a_i, X Y> = sum((X^T a_i) * Y), batched over the rows of a
-        proj = torch.einsum("ms,rmn->rsn", b.X.double(), A.reshape(-1, m, n))
-        return (proj * b.Y.double()).sum(dim=(1, 2)).cpu().numpy()[:, None]
-    return (A @ b.double().T).cpu().numpy()
-
-
-def operand_rows(op: "torch.Tensor | LowRankRow") -> int:
-    return 1 if isinstance(op, LowRankRow) else op.shape[0]
-
-
-def operand_gram(ops: list["torch.Tensor | LowRankRow"]) -> np.ndarray:
-    """The Gram matrix (float64, host) of the stacked rows of several operands on one tensor."""
-    sizes = [operand_rows(o) for o in ops]
-    offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-    G = np.zeros((offs[-1], offs[-1]))
-    for i, a in enumerate(ops):
-        for j in range(i, len(ops)):
-            block = _inner(a, ops[j])
-            G[offs[i] : offs[i + 1], offs[j] : offs[j + 1]] = block
-            G[offs[j] : offs[j + 1], offs[i] : offs[i + 1]] = block.T
-    return G
-
-
 # ---------------------------------------------------------------------- the operator stage
 @dataclass
 class FactorStat:
@@ -317,8 +251,6 @@ def side_kinv(rows: list[torch.Tensor], strengths: list[float], shard=None) -> t
         return None
     B = torch.cat(rows).double()
     E = torch.cat([torch.full((r.shape[0],), (1.0 - s) / s, dtype=torch.float64, device=B.device) for r, s in zip(rows, strengths)])
-    from .rule import PINV_RTOL
-
     gram = B @ B.T
     if shard is not None:
         shard.all_reduce_(gram, kind="plan_all_reduce")

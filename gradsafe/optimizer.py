@@ -1,35 +1,36 @@
-"""ProtectedOptimizer: a drop-in torch.optim wrapper that protects named objectives."""
+"""ProtectedOptimizer: a drop-in torch.optim wrapper that protects named objectives.
+
+The facade and the step: refresh what is due (``refresh``), compile the plan
+(``registry``), run the backend's surgery, step the base optimizer, book the step
+(``recorder``). Objectives, their memory, the report and the state dict each live in their
+own module; this one wires them together.
+"""
 
 from __future__ import annotations
 
 import sys
 import types
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
 from typing import Any, TextIO
 
 import numpy as np
 import torch
 
-from .activations import ActivationBases
 from .backends import Backend, StepRecord, get_backend
-from .factored import FactorMemory, matrix_shape
-from .factored import from_bases as factor_from_bases
-from .objective import ObjectiveConfig, ProtectedObjective, normalize_samples, pack_samples
 from .memory import MemoryReport, memory_rows
-from .plan import Plan, build_plan
-from .refresh import STALE, closure_gradient, closure_loss, is_due, staleness
-from .report import step_report
-from .sharding import local, shard_spec
-
-Sink = Callable[[int, dict[str, float]], None]
+from .objective import ProtectedObjective
+from .options import config_from, with_overrides
+from .plan import Plan
+from .recorder import Recorder, Sink
+from .refresh import refresh_due
+from .registry import Closure, ObjectiveRegistry
+from .serialization import embed, extract, gradsafe_state, restore_objectives
+from .sharding import local
 
 __all__ = ["ProtectedOptimizer", "SPACES"]
 
 SPACES = ("grad", "update")
-_STATE_VERSION = 1
 _HOOK_DICTS = (
     "_optimizer_step_pre_hooks",
     "_optimizer_step_post_hooks",
@@ -38,8 +39,6 @@ _HOOK_DICTS = (
     "_optimizer_load_state_dict_pre_hooks",
     "_optimizer_load_state_dict_post_hooks",
 )
-
-Closure = Callable[[], torch.Tensor]
 
 
 class ProtectedOptimizer(torch.optim.Optimizer):
@@ -51,11 +50,10 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         protected_grads: name -> gradient sample(s) (sequences of tensors aligned with the
             optimizer's parameters in ``param_groups`` order, ``None`` for a parameter the
             objective does not cover) or a closure returning the protected loss.
-        mode, rank, scope, strength, damping, references, refresh_every, energy, fisher_decay,
-        sides, memory_budget: defaults for every objective (see ``protect`` and
-            ``ObjectiveConfig``); scope "factored" keeps left/right bases per weight matrix,
-            ``sides`` which of them, ``memory_budget`` bytes (int) or a fraction of the
-            covered parameters' bytes (float) that the objective's memory must fit.
+        **options: defaults for every objective: the fields of ``ObjectiveConfig`` (mode,
+            rank, scope, strength, damping, references, refresh_every, energy, fisher_decay,
+            sides, memory_budget; docs/api.md has the table). ``protect`` overrides them
+            per objective.
         space: "grad" (change ``p.grad`` before the base step) or "update" (let the base step
             run, then change the parameter update it made).
         backend: "torch", "triton", "auto", a backend object (e.g. ``TritonBackend(basis_dtype=
@@ -73,22 +71,12 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         base_optimizer: torch.optim.Optimizer,
         protected_grads: Mapping[str, Any] | None = None,
         *,
-        mode: str = "project",
-        rank: int = 16,
-        scope: str = "global",
         space: str = "grad",
-        damping: float = 0.0,
-        refresh_every: int | str | None = None,
-        backend: str | None = None,
-        strength: float = 1.0,
-        references: str = "mean",
-        energy: float = 1.0,
-        fisher_decay: float = 0.5,
-        sides: str = "both",
-        memory_budget: int | float | None = None,
+        backend: str | Backend | None = None,
         per_tensor: bool = False,
         fisher_metrics: bool = False,
         auto_check_every: int = 10,
+        **options: Any,
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
@@ -100,30 +88,12 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"auto_check_every must be an int >= 1, got {auto_check_every!r}")
         self.base_optimizer = base_optimizer
         self.space = space
-        self.per_tensor = bool(per_tensor)
-        self.fisher_metrics = bool(fisher_metrics)
         self.auto_check_every = auto_check_every
-        self.default_config = ObjectiveConfig(
-            mode=mode,
-            rank=rank,
-            scope=scope,
-            strength=strength,
-            damping=damping,
-            references=references,
-            refresh_every=refresh_every,
-            energy=energy,
-            fisher_decay=fisher_decay,
-            sides=sides,
-            memory_budget=memory_budget,
-        )
+        self.default_config = config_from(options, "ProtectedOptimizer()")
         self.backend_name = backend
         self._backend: Backend = get_backend(backend)
-        self._objectives: dict[str, ProtectedObjective] = {}
-        self._plan: Plan | None = None
-        self._plan_params: list[torch.Tensor] = []
-        self._last: _LastStep | None = None
-        self._report_cache: dict[str, dict[str, float]] | None = None
-        self._sinks: list[tuple[Sink, int]] = []
+        self._registry = ObjectiveRegistry()
+        self._recorder = Recorder(per_tensor=bool(per_tensor), fisher_metrics=bool(fisher_metrics))
         self.gradsafe_steps = 0
         # What Optimizer.__init__ would set up, without touching the base's param_groups.
         for attr in _HOOK_DICTS:
@@ -165,6 +135,14 @@ class ProtectedOptimizer(torch.optim.Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         self.base_optimizer.defaults = value
 
+    @property
+    def per_tensor(self) -> bool:
+        return self._recorder.per_tensor
+
+    @property
+    def fisher_metrics(self) -> bool:
+        return self._recorder.fisher_metrics
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.base_optimizer.add_param_group(param_group)
 
@@ -172,16 +150,13 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def __repr__(self) -> str:
-        names = ", ".join(f"{n}:{o.config.mode}" for n, o in self._objectives.items()) or "none"
+        names = ", ".join(f"{o.name}:{o.config.mode}" for o in self._registry) or "none"
         return f"ProtectedOptimizer({self.base_optimizer.__class__.__name__}, space={self.space!r}, objectives=[{names}])"
 
     def __getstate__(self) -> dict[str, Any]:
         # "step" is the instance patch an LR scheduler installs; like torch's optimizers, a
         # copy does not carry it (it would step the original through a weak reference)
-        state = {k: v for k, v in self.__dict__.items() if k not in _HOOK_DICTS and k != "step"}
-        state["_plan"] = None
-        state["_plan_params"] = []
-        return state
+        return {k: v for k, v in self.__dict__.items() if k not in _HOOK_DICTS and k != "step"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # restores the hook dictionaries and the patched step
@@ -193,7 +168,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
     @property
     def objectives(self) -> Mapping[str, ProtectedObjective]:
         """Read-only mapping name -> ProtectedObjective."""
-        return types.MappingProxyType(self._objectives)
+        return types.MappingProxyType(self._registry.objectives)
 
     def protect(
         self,
@@ -201,18 +176,8 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         grads: Any = None,
         *,
         closure: Closure | None = None,
-        bases: "ActivationBases | None" = None,
-        mode: str | None = None,
-        rank: int | None = None,
-        scope: str | None = None,
-        strength: float | None = None,
-        damping: float | None = None,
-        references: str | None = None,
-        refresh_every: int | str | None = None,
-        energy: float | None = None,
-        fisher_decay: float | None = None,
-        sides: str | None = None,
-        memory_budget: int | float | None = None,
+        bases: Any = None,
+        **options: Any,
     ) -> ProtectedObjective:
         """Register a protected objective from gradient samples or from a closure.
 
@@ -222,13 +187,14 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         loss leaves the first-order prediction). ``bases``: factored bases given up front
         (``gradsafe.collect_activation_bases``: GPM's representation bases; the scope is then
         "factored"); with them, samples or a closure are optional and give the references,
-        the Fisher and the 1-D tensors' bases. Unset options take the wrapper's defaults.
+        the Fisher and the 1-D tensors' bases. ``options``: fields of ``ObjectiveConfig``;
+        unset (or None) ones take the wrapper's defaults.
         """
         if not isinstance(name, str):
             raise TypeError(f"objective name must be a string, got {type(name).__name__}")
         if not name:
             raise ValueError("objective name must not be empty")
-        if name in self._objectives:
+        if name in self._registry.objectives:
             raise ValueError(f"an objective named {name!r} is already protected; unprotect it first")
         if grads is not None and closure is not None:
             raise ValueError(f"give either grads or closure for {name!r}, not both")
@@ -236,171 +202,38 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"objective {name!r} needs gradient samples, a closure or bases")
         if closure is not None and not callable(closure):
             raise TypeError(f"closure for {name!r} must be callable")
-        overrides = {
-            k: v
-            for k, v in dict(
-                mode=mode,
-                rank=rank,
-                scope=scope,
-                strength=strength,
-                damping=damping,
-                references=references,
-                refresh_every=refresh_every,
-                energy=energy,
-                fisher_decay=fisher_decay,
-                sides=sides,
-                memory_budget=memory_budget,
-            ).items()
-            if v is not None
-        }
         if bases is not None:
-            if overrides.get("scope", "factored") != "factored":
+            scope = options.get("scope")
+            if scope not in (None, "factored"):
                 raise ValueError(f"bases are factored (left/right per weight); objective {name!r} asked for scope {scope!r}")
-            overrides["scope"] = "factored"
-        config = replace(self.default_config, **overrides)
-        params = self._params()
-        loss = None
-        samples = None
-        if closure is not None:
-            loss, sample = closure_gradient(name, closure, params)
-            samples = [sample]
-        elif grads is not None:
-            samples = normalize_samples(grads, name)
-        given = {}
-        if bases is None:
-            coverage, S = pack_samples(samples, params, name)
-        else:
-            if config.mode == "conflict" and samples is None:
-                raise ValueError(f"objective {name!r} in mode 'conflict' needs gradient samples or a closure (its reference)")
-            given = _bases_by_index(bases, params, name)
-            cov = set(given)
-            if samples is not None:
-                cov |= {i for sample in samples for i, t in enumerate(sample) if t is not None}
-            coverage = tuple(sorted(cov))
-            S = None if samples is None else pack_samples(samples, params, name, coverage=coverage)[1]
-        obj = ProtectedObjective(name, config, coverage, [params[i].shape for i in coverage], closure=closure)
-        obj.param_bytes = sum(params[i].numel() * params[i].element_size() for i in coverage)
-        if given:
-            obj.set_bases({coverage.index(i): fm for i, fm in given.items()})
-        if S is not None:
-            obj.add_samples(S)
-        spec = shard_spec(params, coverage)
-        if spec is not None:
-            obj.shard_to(spec)
-        obj.last_refresh_step = obj.last_check_step = self.gradsafe_steps
-        obj.loss_at_refresh = loss
-        self._objectives[name] = obj
-        self._invalidate()
-        return obj
+            options = {**options, "scope": "factored"}
+        config = with_overrides(self.default_config, options, "protect()")
+        return self._registry.register(
+            name, config, self._params(), self.gradsafe_steps, grads=grads, closure=closure, bases=bases
+        )
 
     def unprotect(self, name: str) -> ProtectedObjective:
         """Remove an objective; its memory is returned."""
-        if name not in self._objectives:
-            raise KeyError(f"no protected objective named {name!r}; known: {sorted(self._objectives)}")
-        obj = self._objectives.pop(name)
-        self._invalidate()
-        return obj
+        return self._registry.remove(name)
 
     def add_samples(self, name: str, grads: Any) -> None:
         """Merge new gradient samples into an objective's memory (basis union, online Fisher)."""
-        obj = self._get(name)
-        samples = normalize_samples(grads, name)
-        _, S = pack_samples(samples, self._params(), name, coverage=obj.coverage)
-        obj.add_samples(S)
-        self._invalidate()
+        self._registry.add_samples(name, grads, self._params())
 
     def attach_closure(self, name: str, closure: Closure) -> None:
         """Give an objective (e.g. one restored by ``load_state_dict``) its closure back."""
         if not callable(closure):
             raise TypeError(f"closure for {name!r} must be callable")
-        self._get(name).closure = closure
-
-    def _get(self, name: str) -> ProtectedObjective:
-        try:
-            return self._objectives[name]
-        except KeyError:
-            raise KeyError(f"no protected objective named {name!r}; known: {sorted(self._objectives)}") from None
-
-    def _invalidate(self) -> None:
-        self._plan = None
-
-    @torch.compiler.disable
-    def _refresh_due_objectives(self, params: list[torch.Tensor]) -> None:
-        step = self.gradsafe_steps
-        for name, obj in self._objectives.items():
-            due = is_due(obj.config.refresh_every, step, obj.last_refresh_step, obj.last_check_step, self.auto_check_every)
-            if due is None or (obj.closure is None and not obj.had_closure):
-                continue  # sample-based memory: nothing to recompute
-            if obj.closure is None:
-                raise RuntimeError(
-                    f"objective {name!r} is due for a refresh but has no closure (closures are not "
-                    f"saved in state dicts): call opt.attach_closure({name!r}, fn) after loading"
-                )
-            if due == "check":
-                obj.last_check_step = step
-                with torch.no_grad():
-                    loss = float(closure_loss(name, obj.closure).detach())
-                self._measure_staleness(obj, loss)
-                if obj.staleness is None or obj.staleness <= STALE:
-                    continue
-            loss, fresh = closure_gradient(name, obj.closure, params)
-            self._measure_staleness(obj, loss)
-            # the memory's layout is fixed at registration: keep covered entries (0 where the
-            # loss no longer reaches one), drop parameters the loss reaches only now
-            covered = set(obj.coverage)
-            sample = [
-                (fresh[i] if fresh[i] is not None else torch.zeros_like(params[i])) if i in covered else None
-                for i in range(len(params))
-            ]
-            _, S = pack_samples([sample], params, name, coverage=obj.coverage, allow_zero=True)
-            obj.last_refresh_step = obj.last_check_step = step
-            obj.loss_at_refresh = loss
-            obj.predicted_since_refresh = 0.0
-            if not bool(S.any()):
-                warnings.warn(
-                    f"the protected gradient of {name!r} is exactly zero at step {step}; keeping the previous memory",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                continue
-            obj.refresh(S)
-            self._invalidate()
-
-    @staticmethod
-    def _measure_staleness(obj: ProtectedObjective, loss: float) -> None:
-        if obj.loss_at_refresh is not None:
-            obj.staleness = staleness(loss - obj.loss_at_refresh, obj.predicted_since_refresh, obj.loss_at_refresh)
+        self._registry.get(name).closure = closure
 
     # ------------------------------------------------------------------ the step
-    def _current_plan(self, params: list[torch.Tensor], active: frozenset[int] | None = None) -> Plan:
-        objs = list(self._objectives.values())
-        if active is None:
-            active = frozenset(range(len(params)))
-        plan = self._plan
-        if (
-            plan is None
-            or len(self._plan_params) != len(params)
-            or any(a is not b for a, b in zip(self._plan_params, params))
-            or plan.versions != tuple(o.version for o in objs)
-            or plan.active != active
-        ):
-            for obj in objs:
-                for i, shape in zip(obj.coverage, obj.shapes):
-                    if i >= len(params) or params[i].shape != shape:
-                        got = "missing" if i >= len(params) else tuple(params[i].shape)
-                        raise ValueError(
-                            f"objective {obj.name!r} covers parameter {i} with shape {tuple(shape)}, "
-                            f"but the optimizer's parameter {i} is {got}"
-                        )
-            plan = self._build_plan(objs, params, active)
-        return plan
+    @property
+    def _plan(self) -> Plan | None:
+        """The plan of the last step (None until a step, and after any change)."""
+        return self._registry.plan
 
-    @torch.compiler.disable
-    def _build_plan(self, objs: list[ProtectedObjective], params: list[torch.Tensor], active: frozenset[int]) -> Plan:
-        # host-side bookkeeping (numpy, Python containers): never traced by torch.compile
-        plan = build_plan(objs, params, active)
-        self._plan, self._plan_params = plan, list(params)
-        return plan
+    def _current_plan(self, params: list[torch.Tensor], active: frozenset[int] | None = None) -> Plan:
+        return self._registry.current_plan(params, active)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -409,9 +242,8 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._objectives:
-            self._last = None
-            self._report_cache = None
+        if not self._registry.objectives:
+            self._recorder.clear()
             self.base_optimizer.step()
             return loss
         plan, record, tensors = self._surgery(step_base=True)
@@ -419,39 +251,29 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         return loss
 
     @torch.compiler.disable
-    def _record(self, plan: Plan, record: StepRecord, tensors: list[torch.Tensor] | None) -> None:
-        """Book a finished step: its report source, the counters, closures' predictions, sinks.
+    def _refresh(self, params: list[torch.Tensor]) -> None:
+        if refresh_due(self._registry, params, self.gradsafe_steps, self.auto_check_every):
+            self._registry.invalidate()
 
-        Host-side bookkeeping, never traced by torch.compile. A step whose covered gradients
-        were all exactly zero (the fake step with which torch.distributed.checkpoint
-        materialises state) is not booked.
+    @torch.compiler.disable
+    def _record(self, plan: Plan, record: StepRecord, tensors: list[torch.Tensor] | None) -> None:
+        """Book a finished step: the report's source, the counters, closures' predictions, sinks.
+
+        Host-side bookkeeping, never traced by torch.compile.
         """
-        if isinstance(record.coefs, np.ndarray) and not record.coefs[plan.norms_offset :].any():
-            return
-        step_scale = self._step_scale(plan)
-        fisher_step = self._fisher_step(plan, tensors, step_scale) if tensors is not None else {}
-        self._last = _LastStep(plan, record, step_scale, fisher_step)
-        self._report_cache = None
-        self.gradsafe_steps += 1
-        if any(o.had_closure for o in self._objectives.values()):
-            for name, stats in self.report.items():
-                obj = self._objectives.get(name)
-                if obj is not None and obj.had_closure:
-                    obj.predicted_since_refresh += stats["predicted_change"]
-        if self._sinks:
-            flat = self._flat_metrics()
-            for sink, every in self._sinks:
-                if self.gradsafe_steps % every == 0:
-                    sink(self.gradsafe_steps, flat)
+        objectives = self._registry.objectives
+        if self._recorder.book(plan, record, tensors, self._step_scale(plan), objectives):
+            self.gradsafe_steps += 1
+            self._recorder.emit(self.gradsafe_steps, objectives)
 
     def _surgery(self, step_base: bool) -> tuple[Plan, StepRecord, list[torch.Tensor]]:
         """Refresh what is due, run the surgery, and (if ``step_base``) the base step."""
         params = self._params()
-        self._refresh_due_objectives(params)
+        self._refresh(params)
         # parameters without a gradient are not stepped by the base optimizer: leave them
         # out of the surgery too (in both spaces)
         active = frozenset(i for i, p in enumerate(params) if p.grad is not None)
-        plan = self._current_plan(params, active)
+        plan = self._registry.current_plan(params, active)
         covered = [params[i] for i in plan.param_indices]
         for i, p in zip(plan.param_indices, covered):
             _check_grad(p.grad, i)
@@ -484,25 +306,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         lrs = [float(g["lr"]) if "lr" in g else 1.0 for g in self.base_optimizer.param_groups for _ in g["params"]]
         return np.array([lrs[i] for i in plan.param_indices])
 
-    def _fisher_step(self, plan: Plan, tensors: list[torch.Tensor], scale: np.ndarray) -> dict[str, torch.Tensor]:
-        """``sum F (delta theta)^2`` per objective, on the device (only with ``fisher_metrics``)."""
-        if not self.fisher_metrics:
-            return {}
-        out = {}
-        for b in plan.blocks:
-            obj = b.objective
-            if obj.fisher is None:  # factored objectives without damping keep no Fisher
-                continue
-            cols = obj.memory_slices()
-            parts = [
-                (obj.fisher[cols[obj.coverage.index(plan.param_indices[p])]] * tensors[p].detach().reshape(-1).float().square()).sum()
-                * float(scale[p]) ** 2
-                for p in b.positions
-            ]
-            total = torch.stack(parts).sum()
-            out[obj.name] = out[obj.name] + total if obj.name in out else total
-        return out
-
+    # ------------------------------------------------------------------ report
     @property
     def report(self) -> dict[str, dict[str, float]]:
         """The last real step, per objective, as floats (docs/monitor.md has the formulas).
@@ -511,23 +315,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         staleness for closure objectives once measured; fisher_step with ``fisher_metrics``;
         per-parameter entries ``"<stat>/<parameter index>"`` with ``per_tensor``.
         """
-        if self._last is None:
-            return {}
-        if self._report_cache is None:
-            last = self._last
-            coefs, weights = last.record.host()
-            report = step_report(last.plan, coefs, weights, last.step_scale, per_tensor=self.per_tensor)
-            for name, stats in report.items():
-                obj = self._objectives.get(name)
-                if obj is not None and obj.staleness is not None:
-                    stats["staleness"] = float(obj.staleness)
-                if name in last.fisher_step:
-                    stats["fisher_step"] = float(last.fisher_step[name])
-            self._report_cache = report
-        return self._report_cache
-
-    def _flat_metrics(self) -> dict[str, float]:
-        return {f"gradsafe/{name}/{stat}": v for name, stats in self.report.items() for stat, v in stats.items()}
+        return self._recorder.report(self._registry.objectives)
 
     @property
     def metrics(self) -> dict[str, torch.Tensor]:
@@ -537,18 +325,15 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         wrapper). With the torch backend the numbers are computed on the host, so these are
         CPU tensors.
         """
-        return {k: torch.tensor(v, dtype=torch.float64) for k, v in self._flat_metrics().items()}
+        flat = self._recorder.flat_metrics(self._registry.objectives)
+        return {k: torch.tensor(v, dtype=torch.float64) for k, v in flat.items()}
 
     def add_sink(self, sink: Sink, every: int = 1) -> None:
         """Call ``sink(step, metrics)`` (floats keyed ``gradsafe/<objective>/<stat>``) every N steps."""
-        if not callable(sink):
-            raise TypeError("sink must be callable as sink(step, metrics)")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
-        self._sinks.append((sink, every))
+        self._recorder.add_sink(sink, every)
 
     def remove_sink(self, sink: Sink) -> None:
-        self._sinks = [(s, e) for s, e in self._sinks if s is not sink]
+        self._recorder.remove_sink(sink)
 
     def memory_report(
         self,
@@ -573,9 +358,9 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         else:
             names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         rows = []
-        for obj in self._objectives.values():
+        for obj in self._registry:
             rows += memory_rows(
-                obj,
+                obj.name, obj.layout, obj.config, obj.memory,
                 [names.get(id(params[i]), f"param {i}") for i in obj.coverage],
                 [params[i].element_size() for i in obj.coverage],
             )
@@ -593,13 +378,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         ``"gradsafe"`` (at the top level, and in the first param group for checkpointers that
         keep only ``state`` and ``param_groups``, as ``torch.distributed.checkpoint`` does).
         """
-        return {
-            "version": _STATE_VERSION,
-            "steps": self.gradsafe_steps,
-            "space": self.space,
-            "defaults": asdict(self.default_config),
-            "objectives": {name: obj.state_dict() for name, obj in self._objectives.items()},
-        }
+        return gradsafe_state(self._registry.objectives, self.gradsafe_steps, self.space, self.default_config)
 
     def load_gradsafe_state_dict(self, saved: Mapping[str, Any]) -> None:
         """Restore what ``gradsafe_state_dict`` returned; the base optimizer is left alone.
@@ -607,36 +386,17 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         Objectives are replaced by the saved ones; a closure registered on this wrapper under
         the same name is kept (closures cannot be saved).
         """
-        if saved.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported gradsafe state version {saved.get('version')!r}")
-        params = self._params()
-        objectives = {}
-        for name, obj_state in saved["objectives"].items():
-            cov = obj_state["coverage"]
-            device = params[cov[0]].device if cov and cov[0] < len(params) else None
-            obj = ProtectedObjective.from_state_dict(name, obj_state, device=device, shard=shard_spec(params, cov))
-            if name in self._objectives and self._objectives[name].closure is not None:
-                obj.closure = self._objectives[name].closure
-            objectives[name] = obj
-        self._objectives = objectives
-        self.gradsafe_steps = int(saved["steps"])
-        self.space = saved["space"]
-        self.default_config = ObjectiveConfig(**saved["defaults"])
-        self._last = None
-        self._report_cache = None
-        self._invalidate()
+        objectives, steps, space, defaults = restore_objectives(saved, self._params(), self._registry.objectives)
+        self._registry.replace_all(objectives)
+        self.gradsafe_steps = steps
+        self.space = space
+        self.default_config = defaults
+        self._recorder.clear()
 
     def state_dict(self) -> dict[str, Any]:
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
-        state = self.base_optimizer.state_dict()
-        memory = self.gradsafe_state_dict()
-        # Top level for torch.save / Trainer / Lightning; and (the same object, saved once by
-        # pickle) in the first param group, the one place torch.distributed.checkpoint's
-        # get/set_optimizer_state_dict keep besides per-parameter state.
-        state["gradsafe"] = memory
-        if state["param_groups"]:
-            state["param_groups"][0]["gradsafe"] = memory
+        state = embed(self.base_optimizer.state_dict(), self.gradsafe_state_dict())
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state)
             if result is not None:
@@ -648,44 +408,12 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        state_dict = dict(state_dict)
-        saved = state_dict.pop("gradsafe", None)
-        groups = [dict(g) for g in state_dict.get("param_groups", [])]
-        for group in groups:
-            in_group = group.pop("gradsafe", None)
-            # A copy that reached us only through the param groups (DCP) and holds no
-            # objective is most likely DCP's load template of a wrapper without objectives:
-            # it must not wipe memory restored separately (GradsafeMemory).
-            if saved is None and in_group is not None and in_group.get("objectives"):
-                saved = in_group
-        if groups:
-            state_dict["param_groups"] = groups
-        self.base_optimizer.load_state_dict(state_dict)
+        base_state, saved = extract(state_dict)
+        self.base_optimizer.load_state_dict(base_state)
         if saved is not None:
             self.load_gradsafe_state_dict(saved)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
-
-
-def _bases_by_index(bases: Any, params: list[torch.Tensor], name: str) -> dict[int, FactorMemory]:
-    """Map ``ActivationBases`` (parameter -> basis) onto the optimizer's parameter indices."""
-    if not isinstance(bases, ActivationBases):
-        raise TypeError(f"bases for {name!r} must be an ActivationBases (gradsafe.collect_activation_bases), got {type(bases).__name__}")
-    index = {id(p): i for i, p in enumerate(params)}
-    out = {}
-    for p in bases:
-        if id(p) not in index:
-            raise ValueError(f"bases for {name!r} include {bases.names[id(p)]}, which is not among the optimizer's parameters")
-        b = bases[p]
-        shape = matrix_shape(p.shape)
-        left = b.rows if b.side == "left" else None
-        right = b.rows if b.side == "right" else None
-        le = b.energies if b.side == "left" else None
-        re = b.energies if b.side == "right" else None
-        out[index[id(p)]] = factor_from_bases(shape, left, le, right, re, None, p.device)
-    if not out:
-        raise ValueError(f"bases for {name!r} are empty")
-    return out
 
 
 def _check_grad(g: torch.Tensor, index: int) -> torch.Tensor:
@@ -698,13 +426,3 @@ def _check_grad(g: torch.Tensor, index: int) -> torch.Tensor:
 
 def _has_broadcast_strides(g: torch.Tensor) -> bool:
     return any(stride == 0 and size > 1 for stride, size in zip(g.stride(), g.shape))
-
-
-@dataclass
-class _LastStep:
-    """What the report of the last step is computed from."""
-
-    plan: Plan
-    record: StepRecord
-    step_scale: np.ndarray
-    fisher_step: dict[str, torch.Tensor]

@@ -20,29 +20,39 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from .factored import NUM_STATS, FactorOp, FactorStat, LowRankRow, side_kinv
-from .objective import ProtectedObjective
+from .factored import NUM_STATS, FactorOp, FactorStat, side_kinv
+from .numerics import LowRankRow
+from .operators.damping import damping_factors
 from .rule import HostRule
 from .sharding import ShardSpec, all_reduce_arrays
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .objective import ProtectedObjective
 
 __all__ = ["Block", "Plan", "build_plan"]
 
 
 @dataclass
 class Block:
-    """One objective's part of the step.
+    """One objective's part of the step, as plain data (no live objective).
 
     ``kind`` "flat": dense rows over flat memory (``rows[:, slices[t]]`` per tensor).
     ``kind`` "factored": the matrices of a factored objective; in conflict mode its one row
     (the projected mean reference) is a ``LowRankRow`` per matrix (dense on 1-D tensors);
     in project / observe mode the factored operator stage acts, and the block's
     ``NUM_STATS`` coefficients per tensor are the statistics that stage writes.
+
+    What the rule does with the rows (``basis_rows``, ``penalty``, ``constraint``,
+    ``live_rows``, ``acts``) is the objective's operator's ``RuleRows``.
     """
 
-    objective: ProtectedObjective
+    name: str  # the objective's
+    mode: str
+    scope: str  # how the rule treats the block: "global" (one instance over its tensors) or "tensor"
     rows: torch.Tensor | None  # (r, N_flat) float32 direction rows over the objective's flat memory
     n_basis: int
     n_mean: int
@@ -51,9 +61,15 @@ class Block:
     slices: list[slice | None]  # each covered tensor's columns in ``rows`` (None: a matrix)
     coef_offset: int  # start of this block's (T_b, r_b) matrix in the flat coefficients
     acts: bool  # whether the rule gives it non-zero weights
+    penalty: float = 0.0  # on the basis columns (0: hard)
+    basis: tuple[int, ...] = ()  # rows that are basis columns of the rule
+    constraint: tuple[int, ...] = ()  # rows that are conflict constraints
+    live_rows: slice = field(default_factory=lambda: slice(0, 0))  # the contiguous rows that can get non-zero weights
     kind: str = "flat"
     operands: list | None = None  # per tensor, "factored" blocks: a LowRankRow or dense rows
     n_stats: int = 0  # "factored" project/observe blocks: coefficients per tensor
+    factors: list | None = None  # stats blocks: per tensor its FactorMemory
+    factor_strength: float | None = None  # stats blocks: the factored operator's strength (None: it measures)
 
     @property
     def num_rows(self) -> int:
@@ -82,28 +98,13 @@ class Block:
     def coef_numel(self) -> int:
         return self.num_rows * self.num_tensors
 
-    @property
-    def scope(self) -> str:
-        """How the rule treats the block: "global" (one instance over its tensors) or "tensor"."""
-        scope = self.objective.config.scope
-        if scope == "factored":  # one conflict constraint over all tensors; flat bases per tensor
-            return "global" if self.kind == "factored" else "tensor"
-        return scope
-
-    @property
-    def mode(self) -> str:
-        return self.objective.config.mode
-
     def apply_rows(self) -> slice:
         """The contiguous rows that can get non-zero weights (the apply pass reads only these)."""
-        if self.n_stats:
-            return slice(0, 0)
-        if self.mode == "conflict":
-            return slice(1, self.num_rows) if self.n_refs else slice(0, 1)
-        return slice(0, self.n_basis) if self.acts else slice(0, 0)
+        return self.live_rows
 
     def basis_rows(self) -> list[int]:
-        return list(range(self.n_basis))
+        """Rows that enter the rule as basis columns."""
+        return list(self.basis)
 
     def mean_row(self) -> int:
         return self.n_basis
@@ -114,12 +115,8 @@ class Block:
         return self.n_stats > 0
 
     def constraint_rows(self) -> list[int]:
-        """Rows that are conflict constraints (empty unless mode == "conflict")."""
-        if self.mode != "conflict":
-            return []
-        if self.objective.config.references == "samples":
-            return list(range(self.n_basis + self.n_mean, self.num_rows))
-        return [self.mean_row()]
+        """Rows that are conflict constraints."""
+        return list(self.constraint)
 
 
 @dataclass
@@ -155,7 +152,7 @@ class Plan:
 
 
 def build_plan(
-    objectives: Sequence[ProtectedObjective],
+    objectives: Sequence["ProtectedObjective"],
     params: Sequence[torch.Tensor],
     active: Collection[int] | None = None,
 ) -> Plan:
@@ -186,46 +183,46 @@ def build_plan(
         blocks.append(block)
 
     for obj in objectives:
-        rows, n_basis, n_mean, n_refs = obj.direction_rows()
+        cfg = obj.config
+        op = cfg.operator
+        span = obj.row_span()
+        rows = obj.memory.storage[span.start : span.stop]
+        rule_rows = op.rule_rows(cfg, span)
         flat = [(pos_of[obj.coverage[t]], sl) for t, sl in zip(obj.flat_index, obj.flat_slices()) if obj.coverage[t] in active]
         mats = [(pos_of[obj.coverage[t]], t) for t in sorted(obj.factors) if obj.coverage[t] in active]
-        base = dict(objective=obj, n_basis=n_basis, n_mean=n_mean, n_refs=n_refs, coef_offset=0, acts=obj.config.acts)
-        if obj.config.scope == "factored" and obj.config.mode == "conflict":
+        base = dict(name=obj.name, mode=cfg.mode, n_basis=span.n_basis, n_mean=span.n_mean, n_refs=span.n_refs,
+                    coef_offset=0)
+        ruled = dict(acts=rule_rows.acts, penalty=rule_rows.penalty, basis=rule_rows.basis_rows,
+                     constraint=rule_rows.constraint_rows, live_rows=rule_rows.apply_rows)
+        if cfg.scope == "factored" and rule_rows.constraint_rows:
             if flat or mats:  # one constraint over the dense 1-D parts and the low-rank matrix parts
                 add(Block(rows=rows, positions=[p for p, _ in flat] + [p for p, _ in mats],
-                          slices=[sl for _, sl in flat] + [None] * len(mats), kind="factored",
+                          slices=[sl for _, sl in flat] + [None] * len(mats), kind="factored", scope="global",
                           operands=[rows[:, sl] for _, sl in flat] + [obj.factors[t].reference_row() for _, t in mats],
-                          **base))
+                          **base, **ruled))
             continue
         if flat:
-            add(Block(rows=rows, positions=[p for p, _ in flat], slices=[sl for _, sl in flat], **base))
+            # flat bases of a factored objective are per tensor
+            scope = "tensor" if cfg.scope == "factored" else cfg.scope
+            add(Block(rows=rows, positions=[p for p, _ in flat], slices=[sl for _, sl in flat], scope=scope, **base, **ruled))
         if mats:
-            add(Block(rows=None, positions=[p for p, _ in mats], slices=[None] * len(mats), kind="factored",
+            add(Block(rows=None, positions=[p for p, _ in mats], slices=[None] * len(mats), kind="factored", scope="global",
                       operands=[obj.factors[t].reference_row() for _, t in mats], n_stats=NUM_STATS,
-                      **{**base, "acts": False}))
+                      factors=[obj.factors[t] for _, t in mats], factor_strength=op.factored_strength(cfg),
+                      acts=False, **base))
     norms_offset = offset
     coef_numel = offset + len(covered)
     shard = _plan_shard(objectives, active)
-    factor_ops = _factor_ops(blocks, covered, norms_offset, shard)
+    factor_ops = _factor_ops(blocks, len(covered), norms_offset, shard)
     coef_numel += len(factor_ops)
-
-    damp_excess: list[torch.Tensor | None] = [None] * len(covered)
-    for obj in objectives:
-        lam = obj.config.damping
-        if lam <= 0:
-            continue
-        f_hat = obj.normalized_fisher()
-        for i, sl in zip(obj.coverage, obj.memory_slices()):
-            if i not in active:
-                continue
-            p = pos_of[i]
-            part = lam * f_hat[sl]
-            damp_excess[p] = part.clone() if damp_excess[p] is None else damp_excess[p] + part
-    damp_factors = [None if e is None else 1.0 / (1.0 + e) for e in damp_excess]
+    damp_factors = damping_factors(
+        [(obj.config.damping, obj.normalized_fisher, obj.coverage, obj.memory_slices()) for obj in objectives],
+        pos_of,
+    )
 
     reduce = None if shard is None else (lambda arrays: all_reduce_arrays(arrays, shard))
     rule = HostRule(blocks, touching, reduce=reduce)
-    plan = Plan(
+    return Plan(
         shard=shard,
         factor_ops=factor_ops,
         param_indices=covered,
@@ -239,14 +236,9 @@ def build_plan(
         versions=tuple(o.version for o in objectives),
         active=frozenset(active),
     )
-    if shard is not None:
-        from .report import ReportConstants
-
-        ReportConstants.of(plan)  # its Grams need a collective: every rank builds them now
-    return plan
 
 
-def _factor_ops(blocks: list[Block], covered: list[int], norms_offset: int, shard: ShardSpec | None) -> list[FactorOp]:
+def _factor_ops(blocks: list[Block], num_positions: int, norms_offset: int, shard: ShardSpec | None) -> list[FactorOp]:
     """One ``FactorOp`` per matrix that a factored project / observe block covers."""
     by_pos: dict[int, list[tuple[Block, int]]] = {}
     for b in blocks:
@@ -257,19 +249,18 @@ def _factor_ops(blocks: list[Block], covered: list[int], norms_offset: int, shar
     for p in sorted(by_pos):
         stats, lefts, ls, rights, rs = [], [], [], [], []
         for b, t in by_pos[p]:
-            obj = b.objective
-            mem = obj.factors[obj.coverage.index(covered[p])]
-            acting = obj.config.mode == "project" and obj.config.strength > 0
+            mem = b.factors[t]
+            strength = b.factor_strength
             lrows = rrows = None
-            if acting and mem.rank_left:
+            if strength is not None and mem.rank_left:
                 start = sum(x.shape[0] for x in lefts)
                 lefts.append(mem.left)
-                ls.append(float(obj.config.strength))
+                ls.append(strength)
                 lrows = slice(start, start + mem.rank_left)
-            if acting and mem.rank_right:
+            if strength is not None and mem.rank_right:
                 start = sum(x.shape[0] for x in rights)
                 rights.append(mem.right)
-                rs.append(float(obj.config.strength))
+                rs.append(strength)
                 rrows = slice(start, start + mem.rank_right)
             stats.append(FactorStat(mem, b.coef_offset + t * b.num_rows, lrows, rrows))
         shape = (mem.ref_right.shape[0], mem.ref_left.shape[1])  # this rank's rows when sharded
@@ -286,13 +277,13 @@ def _factor_ops(blocks: list[Block], covered: list[int], norms_offset: int, shar
                 removed_offset=0,
             )
         )
-    base = norms_offset + len(covered)
+    base = norms_offset + num_positions
     for j, op in enumerate(ops):
         op.removed_offset = base + j
     return ops
 
 
-def _plan_shard(objectives: Sequence[ProtectedObjective], active: Collection[int]) -> ShardSpec | None:
+def _plan_shard(objectives: Sequence["ProtectedObjective"], active: Collection[int]) -> ShardSpec | None:
     """The one sharding all the step's objectives share (FSDP2), or None."""
     live = [o for o in objectives if any(i in active for i in o.coverage)]
     specs = {id(o.shard.group): o.shard for o in live if o.shard is not None}

@@ -15,17 +15,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._blas import single_threaded_blas
+from .numerics import DEGENERATE, NULL_RTOL, single_threaded_blas
 
 __all__ = ["solve_nonneg_qp", "solve_nonneg_qp_batch", "solve_nonneg_qp_branch_free", "DEGENERATE"]
-
-# A reference whose diagonal of H fell below this fraction of its squared norm before
-# projection lies (up to float rounding) inside the hard-projected subspace: the projection
-# already satisfies its constraint to rounding, and its q is rounding noise, so its
-# multiplier is fixed at 0 instead of being the ratio of two noises.
-DEGENERATE = 1e-10
-# Eigenvalues of H below this fraction of the largest span its (numerical) null space.
-_NULL = 1e-12
 
 
 def solve_nonneg_qp(
@@ -65,7 +57,7 @@ def solve_nonneg_qp(
     # Coefficients measured in float32 leave a little of q in the null space of a singular H
     # (dependent references), along which the objective would fall without bound: remove it.
     evals, evecs = np.linalg.eigh(H)
-    null = evecs[:, evals <= _NULL * max(float(evals[-1]), 1e-300)]
+    null = evecs[:, evals <= NULL_RTOL * max(float(evals[-1]), 1e-300)]
     if null.shape[1]:
         q = q - null @ (null.T @ q)
 
@@ -112,7 +104,7 @@ def solve_nonneg_qp_branch_free(H: np.ndarray, q: np.ndarray, ref_norms2: np.nda
     H = np.where(live[:, :, None] & live[:, None, :], H, eye)
     q = np.where(live, q, 0.0)
     evals, evecs = np.linalg.eigh(H)
-    null = evals <= _NULL * np.maximum(evals[:, -1:], 1e-300)
+    null = evals <= NULL_RTOL * np.maximum(evals[:, -1:], 1e-300)
     q = q - np.einsum("bij,bj->bi", evecs, np.einsum("bji,bj->bi", evecs, q) * null)
     tol = 1e-13 * np.maximum(np.max(np.abs(diag), axis=1), np.max(np.abs(q), axis=1))[:, None]
     lam = np.zeros_like(q)

@@ -15,13 +15,58 @@ backward) every ``auto_check_every`` steps and refreshes when the staleness exce
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-__all__ = ["STALE", "closure_gradient", "closure_loss", "staleness", "is_due"]
+from .samples import pack_samples
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .objective import ProtectedObjective
+
+__all__ = ["STALE", "RefreshState", "closure_gradient", "closure_loss", "staleness", "is_due", "refresh_due"]
 
 STALE = 0.5
+
+
+@dataclass
+class RefreshState:
+    """A closure objective's schedule: the step of the last refresh and of the last loss
+    check, the protected loss at the last refresh, the first-order change predicted since,
+    and the last measured staleness."""
+
+    last_refresh_step: int = 0
+    last_check_step: int = 0
+    loss_at_refresh: float | None = None
+    predicted_since_refresh: float = 0.0
+    staleness: float | None = None
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> "RefreshState":
+        return cls(
+            last_refresh_step=int(state["last_refresh_step"]),
+            last_check_step=int(state["last_check_step"]),
+            loss_at_refresh=state["loss_at_refresh"],
+            predicted_since_refresh=float(state["predicted_since_refresh"]),
+            staleness=state["staleness"],
+        )
+
+    def restart(self, step: int, loss: float | None) -> None:
+        """A refresh at ``step`` with the protected loss ``loss``."""
+        self.last_refresh_step = self.last_check_step = step
+        self.loss_at_refresh = loss
+        self.predicted_since_refresh = 0.0
+
+    def measure(self, loss: float) -> None:
+        """Compare the loss now with the prediction since the last refresh."""
+        if self.loss_at_refresh is not None:
+            self.staleness = staleness(loss - self.loss_at_refresh, self.predicted_since_refresh, self.loss_at_refresh)
+
+
+STATE_KEYS = tuple(f.name for f in fields(RefreshState))
 
 
 def closure_loss(name: str, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -59,3 +104,53 @@ def is_due(refresh_every: int | str | None, step: int, last_refresh: int, last_c
     if refresh_every == "auto":
         return "check" if step - last_check >= auto_check_every else None
     return "refresh" if step - last_refresh >= refresh_every else None
+
+
+def refresh_due(
+    objectives: Iterable["ProtectedObjective"], params: list[torch.Tensor], step: int, auto_check_every: int
+) -> bool:
+    """Recompute the memory of every closure objective that is due; True if any changed.
+
+    A due objective without its closure (closures are not saved in state dicts) is an
+    error that says how to give it back.
+    """
+    changed = False
+    for obj in objectives:
+        sched = obj.schedule
+        due = is_due(obj.config.refresh_every, step, sched.last_refresh_step, sched.last_check_step, auto_check_every)
+        if due is None or (obj.closure is None and not obj.had_closure):
+            continue  # sample-based memory: nothing to recompute
+        name = obj.name
+        if obj.closure is None:
+            raise RuntimeError(
+                f"objective {name!r} is due for a refresh but has no closure (closures are not "
+                f"saved in state dicts): call opt.attach_closure({name!r}, fn) after loading"
+            )
+        if due == "check":
+            sched.last_check_step = step
+            with torch.no_grad():
+                loss = float(closure_loss(name, obj.closure).detach())
+            sched.measure(loss)
+            if sched.staleness is None or sched.staleness <= STALE:
+                continue
+        loss, fresh = closure_gradient(name, obj.closure, params)
+        sched.measure(loss)
+        # the memory's layout is fixed at registration: keep covered entries (0 where the
+        # loss no longer reaches one), drop parameters the loss reaches only now
+        covered = set(obj.coverage)
+        sample = [
+            (fresh[i] if fresh[i] is not None else torch.zeros_like(params[i])) if i in covered else None
+            for i in range(len(params))
+        ]
+        _, S = pack_samples([sample], params, name, coverage=obj.coverage, allow_zero=True)
+        sched.restart(step, loss)
+        if not bool(S.any()):
+            warnings.warn(
+                f"the protected gradient of {name!r} is exactly zero at step {step}; keeping the previous memory",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            continue
+        obj.refresh(S)
+        changed = True
+    return changed

@@ -9,11 +9,16 @@ Formulas: docs/monitor.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .factored import STAT_BOTH, STAT_DOT, STAT_DOT_AFTER, STAT_LEFT, STAT_RIGHT, LowRankRow, operand_gram
-from .plan import Plan
+from .factored import STAT_BOTH, STAT_DOT, STAT_DOT_AFTER, STAT_LEFT, STAT_RIGHT
+from .numerics import PINV_RTOL, LowRankRow, operand_gram
+from .sharding import all_reduce_arrays
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .plan import Plan
 
 __all__ = ["STATS", "PER_TENSOR_STATS", "ReportConstants", "step_report"]
 
@@ -30,12 +35,10 @@ class ReportConstants:
     cross: list[list[np.ndarray]]  # per block, per tensor: acting rows on the tensor @ r_mean
 
     @classmethod
-    def of(cls, plan: Plan) -> "ReportConstants":
+    def of(cls, plan: "Plan") -> "ReportConstants":
         cached = plan.cache.get("report")
         if cached is not None:
             return cached
-        from .rule import PINV_RTOL
-
         rule = plan.rule
         mean_norm2, constraint_grams, cross = [], [], []
         for bi, b in enumerate(plan.blocks):
@@ -60,8 +63,6 @@ class ReportConstants:
                     per_tensor.append(np.zeros(0))
             cross.append(per_tensor)
         if plan.shard is not None:  # every entry is a sum over entries: add the ranks' parts
-            from .sharding import all_reduce_arrays
-
             flat = mean_norm2 + [g for g in constraint_grams if g is not None] + [c for per in cross for c in per]
             flat = all_reduce_arrays(flat, plan.shard)
             nb = len(mean_norm2)
@@ -73,7 +74,7 @@ class ReportConstants:
         return consts
 
 
-def _tensor_weights(plan: Plan, weights: np.ndarray, p: int) -> np.ndarray:
+def _tensor_weights(plan: "Plan", weights: np.ndarray, p: int) -> np.ndarray:
     """All weights of the acting rows on tensor ``p``, in the order of the tensor's Gram matrix."""
     rule = plan.rule
     w_p = np.empty(rule.tensor_grams[p].shape[0])
@@ -98,7 +99,7 @@ class _Sums:
 
 
 def step_report(
-    plan: Plan,
+    plan: "Plan",
     coefs: np.ndarray,
     weights: np.ndarray | None,
     step_scale: np.ndarray,
@@ -154,7 +155,7 @@ def step_report(
             if p in w_by_pos:
                 along[t] += float(consts.cross[bi][t] @ w_by_pos[p])
         change_t = -step_scale[b.positions] * along
-        acc = sums.setdefault(b.objective.name, _Sums())
+        acc = sums.setdefault(b.name, _Sums())
         acc.dot += float(dots.sum())
         acc.hh += float(hh_t.sum())
         acc.mean_norm2 += float(mean_norm2.sum())
@@ -163,7 +164,7 @@ def step_report(
         acc.change += float(change_t.sum())
         if per_tensor:
             index = plan.param_indices
-            mine = extra.setdefault(b.objective.name, {})
+            mine = extra.setdefault(b.name, {})
             for t, p in enumerate(b.positions):
                 i = index[p]
                 mine[f"cosine/{i}"] = float(dots[t] / max(np.sqrt(hh_t[t] * mean_norm2[t]), 1e-300))

@@ -25,23 +25,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._blas import single_threaded_blas
-from .factored import operand_gram
+from .numerics import PINV_RTOL, operand_gram, single_threaded_blas
 from .qp import solve_nonneg_qp_batch
 
 if TYPE_CHECKING:  # pragma: no cover
     from .plan import Block
 
-__all__ = ["HostRule", "PINV_RTOL"]
-
-# Directions whose independent part is below sqrt(1e-6) = 1e-3 of their norm are treated as
-# dependent: the coefficients come from fp32 passes, and resolving finer would amplify
-# their rounding.
-PINV_RTOL = 1e-6
-
-
-def _penalty(strength: float) -> float:
-    return (1.0 - strength) / strength
+__all__ = ["HostRule"]
 
 
 @dataclass
@@ -99,7 +89,7 @@ class HostRule:
             if not b.acts:
                 continue
             per_tensor = b.scope == "tensor"
-            for kind, rows in (("A", b.basis_rows() if b.mode == "project" else []), ("R", b.constraint_rows())):
+            for kind, rows in (("A", b.basis_rows()), ("R", b.constraint_rows())):
                 if rows:
                     seg = _Segment(bi, rows, kind, z, per_tensor)
                     self.segments.append(seg)
@@ -112,7 +102,7 @@ class HostRule:
         col_touch: list[list[tuple[int, int]]] = [[] for _ in range(z)]
         for seg in self.segments:
             b = blocks[seg.block]
-            pen = _penalty(b.objective.config.strength) if seg.kind == "A" else 0.0
+            pen = b.penalty if seg.kind == "A" else 0.0
             instances = [[t] for t in range(b.num_tensors)] if seg.per_tensor else [list(range(b.num_tensors))]
             c = seg.z_offset
             for tensors in instances:

@@ -155,7 +155,7 @@ def test_auto_refresh_follows_staleness():
     model, opt = closure_setup(lr=1e-4, refresh_every="auto", auto_check_every=2)
     train(model, opt, 10)
     assert opt.objectives["old"].num_refreshes == 0  # the first-order picture holds: no refresh
-    assert opt.objectives["old"].staleness is not None
+    assert opt.objectives["old"].schedule.staleness is not None
     model, opt = closure_setup(lr=3.0, refresh_every="auto", auto_check_every=2)
     train(model, opt, 10)
     assert opt.objectives["old"].num_refreshes >= 2
@@ -168,6 +168,7 @@ def test_staleness_state_round_trips():
     fresh = ProtectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05))
     fresh.load_state_dict(state)
     a, b = opt.objectives["old"], fresh.objectives["old"]
+    a, b = a.schedule, b.schedule
     assert (a.loss_at_refresh, a.predicted_since_refresh, a.staleness, a.last_refresh_step) == (
         b.loss_at_refresh,
         b.predicted_since_refresh,

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from gradsafe import ProtectedOptimizer, collect_gradients
-from gradsafe.objective import ObjectiveConfig, ProtectedObjective, normalize_samples, pack_samples
+from gradsafe.objective import ProtectedObjective
+from gradsafe.options import ObjectiveConfig
+from gradsafe.samples import normalize_samples, pack_samples
 from gradsafe.subspace import orthogonality_error
 
 SHAPES = [(7, 5), (5,), (1,), (33, 3)]

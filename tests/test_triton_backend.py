@@ -352,7 +352,8 @@ def test_space_update_with_adamw():
 
 # ---------------------------------------------------------------------------- coefficients, determinism, bf16 basis
 def _problem(gen, scope="global", k=4, sizes=(300, 7, 1, 4097)):
-    from gradsafe.objective import ObjectiveConfig, ProtectedObjective
+    from gradsafe.objective import ProtectedObjective
+    from gradsafe.options import ObjectiveConfig
     from gradsafe.plan import build_plan
 
     params = [torch.randn(n, generator=gen).to(DEVICE) for n in sizes]
@@ -453,7 +454,8 @@ def test_host_rule_fallback_when_a_component_is_too_big():
 
 
 def _gem_plan(gen, m, refs_scale=1.0, dependent=False, with_basis=True):
-    from gradsafe.objective import ObjectiveConfig, ProtectedObjective
+    from gradsafe.objective import ProtectedObjective
+    from gradsafe.options import ObjectiveConfig
     from gradsafe.plan import build_plan
 
     n = 64
@@ -522,7 +524,8 @@ def _change(plan, w):
 
 
 def test_degenerate_reference_inside_projected_subspace_gets_zero_weight():
-    from gradsafe.objective import ObjectiveConfig, ProtectedObjective
+    from gradsafe.objective import ProtectedObjective
+    from gradsafe.options import ObjectiveConfig
     from gradsafe.plan import build_plan
 
     gen = torch.Generator().manual_seed(31)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..factored import LowRankRow, factor_finish, factor_partials, run_factor_ops, sum_across_ranks
+from ..factored import factor_finish, factor_partials, run_factor_ops, sum_across_ranks
+from ..numerics import LowRankRow
 from ..plan import Plan
 from .base import StepRecord
 

@@ -1,21 +1,23 @@
-"""What objectives' memory costs, and fitting it into a budget.
+"""What an objective's memory costs, and fitting it into a budget.
 
-``memory_rows(obj)``: bytes per covered tensor (bases, references, Fisher), the numbers of
-``ProtectedOptimizer.memory_report()``. ``apply_budget(obj)``: truncate an objective's bases
-so that its whole memory fits ``config.memory_budget``, keeping the directions that
+``memory_rows``: bytes per covered tensor (bases, references, Fisher), the numbers of
+``ProtectedOptimizer.memory_report()``. ``apply_budget``: a memory whose bases are
+truncated so that the whole fits ``config.memory_budget``, keeping the directions that
 capture the most energy per byte across all its tensors (and both sides of factored ones).
 """
 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 
+from .record import Memory, ObjectiveLayout, pack_rows
+
 if TYPE_CHECKING:  # pragma: no cover
-    from .objective import ProtectedObjective
+    from ..options import ObjectiveConfig
 
 __all__ = ["MemoryRow", "MemoryReport", "memory_rows", "apply_budget", "budget_bytes"]
 
@@ -82,44 +84,52 @@ class MemoryReport:
         return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(x) for x in lines])
 
 
-def memory_rows(obj: "ProtectedObjective", names: list[str] | None = None, elem_sizes: list[int] | None = None) -> list[MemoryRow]:
+def memory_rows(
+    name: str,
+    layout: ObjectiveLayout,
+    config: "ObjectiveConfig",
+    memory: Memory,
+    names: list[str] | None = None,
+    elem_sizes: list[int] | None = None,
+) -> list[MemoryRow]:
     """The objective's bytes per covered tensor. ``names``/``elem_sizes``: per coverage entry."""
     rows = []
-    flat_pos = {t: i for i, t in enumerate(obj.flat_index)}
-    k_flat = 0 if obj.basis is None else obj.basis.shape[0]
-    n_refs = 1 + (0 if obj.sample_refs is None else obj.sample_refs.shape[0])
+    flat_pos = {t: i for i, t in enumerate(layout.flat_index)}
+    k_flat = 0 if memory.basis is None else memory.basis.shape[0]
+    n_refs = 1 + (0 if memory.sample_refs is None else memory.sample_refs.shape[0])
     # sharded (FSDP2): this rank's bytes
-    for t, (i, shape, numel) in enumerate(zip(obj.coverage, obj.shapes, obj.mem_numels)):
-        fisher = _F32 * numel if obj.fisher is not None else 0
+    numels = layout.columns(memory.shard).numels
+    for t, (i, shape, numel) in enumerate(zip(layout.coverage, layout.shapes, numels)):
+        fisher = _F32 * numel if memory.fisher is not None else 0
         pbytes = numel * (elem_sizes[t] if elem_sizes else _F32)
-        name = names[t] if names else f"param {i}"
-        if t in obj.factors:
-            fm = obj.factors[t]
+        pname = names[t] if names else f"param {i}"
+        if t in memory.factors:
+            fm = memory.factors[t]
             nb = fm.nbytes()
-            rows.append(MemoryRow(obj.name, name, tuple(shape), "factored", f"{fm.rank_left}+{fm.rank_right}",
+            rows.append(MemoryRow(name, pname, tuple(shape), "factored", f"{fm.rank_left}+{fm.rank_right}",
                                   nb["basis"], nb["reference"], fisher, pbytes))
         else:
-            if obj.config.scope == "global":
+            if config.scope == "global":
                 k = k_flat
             else:
-                e = obj.energies[flat_pos[t]] if obj.energies is not None and obj.energies.ndim == 2 else None
+                e = memory.energies[flat_pos[t]] if memory.energies is not None and memory.energies.ndim == 2 else None
                 k = int((e > 0).sum()) if e is not None else k_flat
             # the row storage is (k_flat + refs) x N: a tensor of lower rank still pays k_flat rows
-            rows.append(MemoryRow(obj.name, name, tuple(shape), "flat", str(k),
+            rows.append(MemoryRow(name, pname, tuple(shape), "flat", str(k),
                                   _F32 * numel * k_flat, _F32 * numel * n_refs, fisher, pbytes))
     return rows
 
 
-def budget_bytes(obj: "ProtectedObjective") -> int:
-    """The objective's budget in bytes (a float budget is a fraction of its parameters' bytes)."""
-    b = obj.config.memory_budget
+def budget_bytes(config: "ObjectiveConfig", param_bytes: int) -> int:
+    """The budget in bytes (a float budget is a fraction of the covered parameters' bytes)."""
+    b = config.memory_budget
     if b is None:
         raise ValueError("the objective has no memory_budget")
-    return int(b * obj.param_bytes) if isinstance(b, float) else int(b)
+    return int(b * param_bytes) if isinstance(b, float) else int(b)
 
 
-def apply_budget(obj: "ProtectedObjective") -> None:
-    """Truncate the objective's bases so that its memory fits ``memory_budget``.
+def apply_budget(memory: Memory, layout: ObjectiveLayout, config: "ObjectiveConfig", param_bytes: int, name: str = "") -> Memory:
+    """``memory`` with its bases truncated so that it fits ``config.memory_budget``.
 
     Fixed costs (references over flat tensors, the Fisher diagonal) come first. Every basis
     direction is a candidate worth its share of its group's captured energy (a group: one
@@ -128,28 +138,29 @@ def apply_budget(obj: "ProtectedObjective") -> None:
     factored direction costs its basis row and its column of the projected reference,
     ``4 (m + n)`` bytes; a flat direction ``4 n_t`` (``4 N`` for a global basis).
     """
-    budget = budget_bytes(obj)
-    refs = 1 + (0 if obj.sample_refs is None else obj.sample_refs.shape[0])
+    budget = budget_bytes(config, param_bytes)
+    flat_numel = layout.columns(memory.shard).flat_numel
+    refs = 1 + (0 if memory.sample_refs is None else memory.sample_refs.shape[0])
     # the flat row storage always holds at least one basis row
-    fixed = _F32 * obj.flat_numel * (refs + 1) + (_F32 * obj.numel if obj.fisher is not None else 0)
+    fixed = _F32 * flat_numel * (refs + 1) + (_F32 * layout.numel if memory.fisher is not None else 0)
     if fixed > budget:
         raise ValueError(
-            f"objective {obj.name!r}: memory_budget of {budget} bytes is below its fixed memory "
+            f"objective {name!r}: memory_budget of {budget} bytes is below its fixed memory "
             f"({fixed} bytes: references over 1-D/flat tensors and the Fisher diagonal); raise the budget"
         )
     # candidate groups: (key, per-direction share of the group's energy (descending), cost)
     groups: list[tuple[tuple, list[float], int]] = []
-    for t, fm in obj.factors.items():
+    for t, fm in memory.factors.items():
         m, n = fm.shape
         groups.append((("L", t), _shares(fm.left_energy[None]), _F32 * (m + n)))
         groups.append((("R", t), _shares(fm.right_energy[None]), _F32 * (m + n)))
-    if obj.flat_numel:
+    if flat_numel:
         # the flat rows are one (k, N) storage: a row costs 4 N whatever tensor it serves,
         # and is worth the largest share it holds of any tensor's energy
-        e = obj.energies if obj.energies.ndim == 2 else obj.energies[None]
-        groups.append((("F",), _shares(e), _F32 * obj.flat_numel))
+        e = memory.energies if memory.energies.ndim == 2 else memory.energies[None]
+        groups.append((("F",), _shares(e), _F32 * flat_numel))
     keep: dict[tuple, int] = {key: 0 for key, _, _ in groups}
-    if obj.flat_numel and groups[-1][1] and groups[-1][1][0] > 0:
+    if flat_numel and groups[-1][1] and groups[-1][1][0] > 0:
         keep[("F",)] = 1  # paid for in the fixed part
     heap = [
         (-share / cost, key, j, cost)
@@ -166,7 +177,7 @@ def apply_budget(obj: "ProtectedObjective") -> None:
         if j == keep[key]:  # a group's directions are taken in order (energies descend)
             keep[key] = j + 1
             left -= cost
-    _truncate_to(obj, keep)
+    return _truncated(memory, flat_numel, keep)
 
 
 def _shares(e: torch.Tensor) -> list[float]:
@@ -176,18 +187,25 @@ def _shares(e: torch.Tensor) -> list[float]:
     return (e2 / total).max(dim=0).values.tolist() if e2.shape[1] else []
 
 
-def _truncate_to(obj: "ProtectedObjective", keep: dict[tuple, int]) -> None:
-    for t, fm in list(obj.factors.items()):
+def _truncated(memory: Memory, flat_numel: int, keep: dict[tuple, int]) -> Memory:
+    factors = dict(memory.factors)
+    for t, fm in memory.factors.items():
         kl, kr = keep[("L", t)], keep[("R", t)]
         if kl < fm.rank_left or kr < fm.rank_right:
-            obj.factors[t] = fm.truncate(kl, kr)
-    if not obj.flat_numel:
-        return
+            factors[t] = fm.truncate(kl, kr)
+    if not flat_numel:
+        return replace(memory, factors=factors)
     k = keep[("F",)]
     if k == 0:  # the row storage always has a basis row: keep one zero row
-        basis = obj.basis.new_zeros(1, obj.flat_numel)
-        energies = obj.energies.new_zeros(obj.energies.shape[:-1] + (1,))
+        basis = memory.basis.new_zeros(1, flat_numel)
+        energies = memory.energies.new_zeros(memory.energies.shape[:-1] + (1,))
     else:
-        basis, energies = obj.basis[:k], obj.energies[..., :k]
-    obj.energies = energies.contiguous()
-    obj._pack(basis.clone(), obj.mean_ref.clone(), None if obj.sample_refs is None else obj.sample_refs.clone())
+        basis, energies = memory.basis[:k], memory.energies[..., :k]
+    sample_refs = None if memory.sample_refs is None else memory.sample_refs.clone()
+    return replace(
+        memory,
+        storage=pack_rows(basis.clone(), memory.mean_ref.clone(), sample_refs),
+        n_basis=basis.shape[0],
+        energies=energies.contiguous(),
+        factors=factors,
+    )

@@ -1,0 +1,146 @@
+"""Building memory from gradient samples, as pure functions: each returns a new ``Memory``.
+
+What each part is and how it grows belongs to its operator: the basis to the projection
+(``operators.projection.merge_flat_basis``), the references to the conflict projection
+(``operators.conflict.merge_references``), the Fisher to damping
+(``operators.damping.merge_fisher``), factored bases to the factored scope
+(``factored.merge_factors``). Every objective keeps all of them: the monitor reports every
+objective's subspace energy and cosine, whatever its mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..factored import FactorMemory, matrix_shape, merge_factors
+from ..operators.conflict import merge_references
+from ..operators.damping import keeps_fisher, merge_fisher
+from ..operators.projection import merge_flat_basis
+from .budget import apply_budget
+from .record import Memory, ObjectiveLayout, pack_rows
+from .shard import shard, unshard
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..options import ObjectiveConfig
+
+__all__ = ["merge", "from_bases", "check_packed"]
+
+
+def check_packed(S: torch.Tensor, numel: int, name: str) -> None:
+    if S.ndim != 2 or S.shape[1] != numel:
+        raise ValueError(f"objective {name!r}: packed samples must be (m, {numel}), got {tuple(S.shape)}")
+    if not bool(torch.isfinite(S).all()):
+        raise ValueError(f"protected gradients for objective {name!r} contain inf or nan")
+
+
+def merge(
+    memory: Memory,
+    layout: ObjectiveLayout,
+    config: "ObjectiveConfig",
+    S: torch.Tensor,
+    *,
+    fresh: bool,
+    param_bytes: int,
+    name: str = "",
+) -> Memory:
+    """Merge packed samples ``S`` (m, N) into ``memory``; ``fresh``: replace bases and
+    references by those of ``S`` (the Fisher keeps its online average).
+
+    A sharded memory is gathered, merged whole (on every rank alike) and sharded again.
+    """
+    spec = memory.shard
+    whole = unshard(memory, layout) if spec is not None else memory
+    merged = _merge_whole(whole, layout, config, S, fresh)
+    if config.memory_budget is not None:
+        merged = apply_budget(merged, layout, config, param_bytes, name)
+    return shard(merged, layout, spec) if spec is not None else merged
+
+
+def _merge_whole(memory: Memory, layout: ObjectiveLayout, config: "ObjectiveConfig", S: torch.Tensor, fresh: bool) -> Memory:
+    prev_count = 0 if fresh else memory.num_samples
+    factors = dict(memory.factors)
+    if config.scope == "factored":
+        sl = layout.slices()
+        for t, shape in enumerate(layout.shapes):
+            if t in layout.flat_index:
+                continue
+            m, n = matrix_shape(shape)
+            samples = S[:, sl[t]].reshape(S.shape[0], m, n)
+            if t in memory.fixed_factors:  # given bases (activations): only the reference moves
+                factors[t] = factors[t].with_mean(samples, prev_count)
+                continue
+            factors[t] = merge_factors(
+                None if fresh else factors.get(t), samples,
+                sides=config.sides, rank=config.rank, energy=config.energy, prev_count=prev_count,
+            )
+    F = layout.flat_part(S)
+    old = memory.storage is not None and not fresh
+    basis, energies = merge_flat_basis(
+        memory.basis if old else None,
+        memory.energies if old else None,
+        F,
+        layout.columns(None).flat_slices(),
+        per_tensor=config.scope != "global",
+        rank=config.rank,
+        energy=config.energy,
+    )
+    mean_ref, sample_refs, num_samples = merge_references(
+        memory.mean_ref if old else None,
+        memory.sample_refs if old else None,
+        memory.num_samples,
+        F,
+        keep_samples=config.rank if config.references == "samples" else None,
+    )
+    fisher = memory.fisher
+    if keeps_fisher(config.scope, config.damping):
+        fisher = merge_fisher(memory.fisher, S, config.fisher_decay)
+    return replace(
+        memory,
+        storage=pack_rows(basis, mean_ref, sample_refs),
+        n_basis=basis.shape[0],
+        has_samples=sample_refs is not None,
+        energies=energies,
+        fisher=fisher,
+        factors=factors,
+        num_samples=num_samples,
+    )
+
+
+def from_bases(
+    layout: ObjectiveLayout,
+    config: "ObjectiveConfig",
+    factors: Mapping[int, FactorMemory],
+    *,
+    param_bytes: int,
+    name: str = "",
+) -> Memory:
+    """A factored memory started from given bases (``t`` = position in the coverage), no samples.
+
+    The flat part (1-D tensors) starts empty; samples merged later give the references, the
+    Fisher and the flat part's bases, and leave these bases as they are.
+    """
+    if config.scope != "factored":
+        raise ValueError("bases can be given only to scope='factored' objectives")
+    for t, fm in factors.items():
+        if t in layout.flat_index:
+            raise ValueError(f"objective {name!r}: parameter {layout.coverage[t]} is 1-D; it has no factored basis")
+        if fm.shape != matrix_shape(layout.shapes[t]):
+            raise ValueError(f"objective {name!r}: basis for parameter {layout.coverage[t]} is for a {fm.shape} matrix, "
+                             f"the parameter is viewed as {matrix_shape(layout.shapes[t])}")
+    device = next(iter(factors.values())).left.device if factors else torch.device("cpu")
+    N = layout.columns(None).flat_numel
+    memory = Memory(
+        storage=pack_rows(torch.zeros(1, N, device=device), torch.zeros(N, device=device), None),
+        n_basis=1,
+        energies=torch.zeros(len(layout.flat_index), 1, device=device),
+        fisher=torch.zeros(layout.numel, device=device) if keeps_fisher(config.scope, config.damping) else None,
+        factors=dict(factors),
+        fixed_factors=frozenset(factors),
+    )
+    if config.memory_budget is not None:
+        memory = apply_budget(memory, layout, config, param_bytes, name)
+    return memory

@@ -1,0 +1,133 @@
+"""The bottom layer: numerical constants and the small linear algebra everything shares.
+
+Imports nothing of gradsafe. The constants are the tolerances of the joint rule; the
+kernels receive them as launch arguments (``gradsafe.backends.triton_layout``), never by
+importing this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "PINV_RTOL",
+    "DEGENERATE",
+    "NULL_RTOL",
+    "single_threaded_blas",
+    "LowRankRow",
+    "Operand",
+    "operand_rows",
+    "operand_gram",
+]
+
+# Directions whose independent part is below sqrt(1e-6) = 1e-3 of their norm are treated as
+# dependent: the coefficients come from fp32 passes, and resolving finer would amplify
+# their rounding.
+PINV_RTOL = 1e-6
+
+# A reference whose diagonal of H fell below this fraction of its squared norm before
+# projection lies (up to float rounding) inside the hard-projected subspace: the projection
+# already satisfies its constraint to rounding, and its q is rounding noise, so its
+# multiplier is fixed at 0 instead of being the ratio of two noises.
+DEGENERATE = 1e-10
+
+# Eigenvalues of a QP's H below this fraction of the largest span its (numerical) null space.
+NULL_RTOL = 1e-12
+
+
+# ---------------------------------------------------------------------- host BLAS threads
+_controller = None
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Run the enclosed numpy linear algebra with one BLAS thread.
+
+    The rule's matrices are tiny (tens of rows); numpy's multi-threaded BLAS on them fights
+    the threads torch is using and can be 10-100x slower than one thread (a 64 x 64 ``eigh``
+    took 35 ms instead of 1 ms). Without threadpoolctl (an optional dependency) this is a
+    no-op.
+    """
+    global _controller
+    if _controller is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _controller = False
+        else:
+            _controller = ThreadpoolController()
+    if _controller is False:
+        yield
+        return
+    with _controller.limit(limits=1, user_api="blas"):
+        yield
+
+
+# ---------------------------------------------------------------------- low-rank operands
+@dataclass
+class LowRankRow:
+    """A direction over one ``(m, n)`` matrix given as ``X @ Y`` (``X`` (m, s), ``Y`` (s, n)).
+
+    The joint rule treats it as one row: its inner product with a gradient costs one
+    ``(s, m) x (m, n)`` matmul and the rank-``s`` update is one ``addmm_``.
+    """
+
+    X: torch.Tensor
+    Y: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.X.shape[0], self.Y.shape[1]
+
+    def dot(self, h2d: torch.Tensor) -> torch.Tensor:
+        """``<X Y, h>`` as a 0-d tensor (no host synchronisation)."""
+        return ((self.X.T @ h2d) * self.Y).sum()
+
+    def add_to(self, h2d: torch.Tensor, weight: torch.Tensor) -> None:
+        """``h += weight * X Y`` in place (``weight`` a 0-d or 1-element device tensor)."""
+        h2d.addmm_(self.X * weight, self.Y)
+
+    def dense(self) -> torch.Tensor:
+        return self.X @ self.Y
+
+
+#: What the rule reads on one tensor: dense rows ``(r, n)`` or one ``LowRankRow``.
+Operand = "torch.Tensor | LowRankRow"
+
+
+def operand_rows(op: torch.Tensor | LowRankRow) -> int:
+    return 1 if isinstance(op, LowRankRow) else op.shape[0]
+
+
+def _inner(a: torch.Tensor | LowRankRow, b: torch.Tensor | LowRankRow) -> np.ndarray:
+    """Inner products between two operands: dense rows ``(r, n)`` or a ``LowRankRow`` (1 row)."""
+    if isinstance(a, LowRankRow) and isinstance(b, LowRankRow):
+        v = ((a.X.double().T @ b.X.double()) * (a.Y.double() @ b.Y.double().T)).sum()
+        return np.array([[float(v)]])
+    if isinstance(a, LowRankRow):
+        return _inner(b, a).T
+    A = a.double()
+    if isinstance(b, LowRankRow):
+        m, n = b.shape
+        # <a_i, X Y> = sum((X^T a_i) * Y), batched over the rows of a
+        proj = torch.einsum("ms,rmn->rsn", b.X.double(), A.reshape(-1, m, n))
+        return (proj * b.Y.double()).sum(dim=(1, 2)).cpu().numpy()[:, None]
+    return (A @ b.double().T).cpu().numpy()
+
+
+def operand_gram(ops: list[torch.Tensor | LowRankRow]) -> np.ndarray:
+    """The Gram matrix (float64, host) of the stacked rows of several operands on one tensor."""
+    sizes = [operand_rows(o) for o in ops]
+    offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    G = np.zeros((offs[-1], offs[-1]))
+    for i, a in enumerate(ops):
+        for j in range(i, len(ops)):
+            block = _inner(a, ops[j])
+            G[offs[i] : offs[i + 1], offs[j] : offs[j + 1]] = block
+            G[offs[j] : offs[j + 1], offs[i] : offs[i + 1]] = block.T
+    return G

@@ -1,0 +1,127 @@
+"""What a step leaves behind: the report (computed on first access), metrics and sinks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .backends.base import StepRecord
+from .objective import ProtectedObjective
+from .plan import Plan
+from .report import step_report
+
+__all__ = ["Recorder", "Sink"]
+
+Sink = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class _LastStep:
+    """What the report of the last step is computed from."""
+
+    plan: Plan
+    record: StepRecord
+    step_scale: np.ndarray
+    fisher_step: dict[str, torch.Tensor]
+
+
+class Recorder:
+    """The last booked step, its report (lazy), and the sinks that want it."""
+
+    def __init__(self, per_tensor: bool = False, fisher_metrics: bool = False) -> None:
+        self.per_tensor = per_tensor
+        self.fisher_metrics = fisher_metrics
+        self.sinks: list[tuple[Sink, int]] = []
+        self._last: _LastStep | None = None
+        self._cache: dict[str, dict[str, float]] | None = None
+
+    def clear(self) -> None:
+        self._last = None
+        self._cache = None
+
+    def book(
+        self,
+        plan: Plan,
+        record: StepRecord,
+        tensors: list[torch.Tensor] | None,
+        step_scale: np.ndarray,
+        objectives: Mapping[str, ProtectedObjective],
+    ) -> bool:
+        """Book a finished step; False if it is not a real step.
+
+        A step whose covered gradients were all exactly zero (the fake step with which
+        torch.distributed.checkpoint materialises state) is not booked.
+        """
+        if isinstance(record.coefs, np.ndarray) and not record.coefs[plan.norms_offset :].any():
+            return False
+        fisher_step = self._fisher_step(plan, tensors, step_scale, objectives) if tensors is not None else {}
+        self._last = _LastStep(plan, record, step_scale, fisher_step)
+        self._cache = None
+        if any(o.had_closure for o in objectives.values()):
+            for name, stats in self.report(objectives).items():
+                obj = objectives.get(name)
+                if obj is not None and obj.had_closure:
+                    obj.schedule.predicted_since_refresh += stats["predicted_change"]
+        return True
+
+    def emit(self, step: int, objectives: Mapping[str, ProtectedObjective]) -> None:
+        """Hand the booked step, as step number ``step``, to the sinks due at it."""
+        if self.sinks:
+            flat = self.flat_metrics(objectives)
+            for sink, every in self.sinks:
+                if step % every == 0:
+                    sink(step, flat)
+
+    def _fisher_step(
+        self, plan: Plan, tensors: list[torch.Tensor], scale: np.ndarray, objectives: Mapping[str, ProtectedObjective]
+    ) -> dict[str, torch.Tensor]:
+        """``sum F (delta theta)^2`` per objective, on the device (only with ``fisher_metrics``)."""
+        if not self.fisher_metrics:
+            return {}
+        out = {}
+        for b in plan.blocks:
+            obj = objectives[b.name]
+            if obj.fisher is None:  # factored objectives without damping keep no Fisher
+                continue
+            cols = obj.memory_slices()
+            parts = [
+                (obj.fisher[cols[obj.coverage.index(plan.param_indices[p])]] * tensors[p].detach().reshape(-1).float().square()).sum()
+                * float(scale[p]) ** 2
+                for p in b.positions
+            ]
+            total = torch.stack(parts).sum()
+            out[b.name] = out[b.name] + total if b.name in out else total
+        return out
+
+    def report(self, objectives: Mapping[str, ProtectedObjective]) -> dict[str, dict[str, float]]:
+        """The last booked step, per objective, as floats (docs/monitor.md has the formulas)."""
+        if self._last is None:
+            return {}
+        if self._cache is None:
+            last = self._last
+            coefs, weights = last.record.host()
+            report = step_report(last.plan, coefs, weights, last.step_scale, per_tensor=self.per_tensor)
+            for name, stats in report.items():
+                obj = objectives.get(name)
+                if obj is not None and obj.schedule.staleness is not None:
+                    stats["staleness"] = float(obj.schedule.staleness)
+                if name in last.fisher_step:
+                    stats["fisher_step"] = float(last.fisher_step[name])
+            self._cache = report
+        return self._cache
+
+    def flat_metrics(self, objectives: Mapping[str, ProtectedObjective]) -> dict[str, float]:
+        return {f"gradsafe/{name}/{stat}": v for name, stats in self.report(objectives).items() for stat, v in stats.items()}
+
+    def add_sink(self, sink: Sink, every: int = 1) -> None:
+        if not callable(sink):
+            raise TypeError("sink must be callable as sink(step, metrics)")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        self.sinks.append((sink, every))
+
+    def remove_sink(self, sink: Sink) -> None:
+        self.sinks = [(s, e) for s, e in self.sinks if s is not sink]

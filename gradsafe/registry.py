@@ -1,0 +1,147 @@
+"""The optimizer's objectives by name, built from samples, closures or bases, and the plan
+compiled from them (cached until an objective's memory or the parameters change)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from .objective import ProtectedObjective
+from .options import ObjectiveConfig
+from .plan import Plan, build_plan
+from .refresh import closure_gradient
+from .report import ReportConstants
+from .samples import bases_by_index, normalize_samples, pack_samples
+from .sharding import shard_spec
+
+__all__ = ["ObjectiveRegistry"]
+
+Closure = Callable[[], torch.Tensor]
+
+
+class ObjectiveRegistry:
+    """Named objectives in registration order, and the plan of the last step."""
+
+    def __init__(self) -> None:
+        self.objectives: dict[str, ProtectedObjective] = {}
+        self.plan: Plan | None = None
+        self._plan_params: list[torch.Tensor] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy compiles its own plan (a plan holds views and, for the kernels, addresses)
+        return {**self.__dict__, "plan": None, "_plan_params": []}
+
+    def __len__(self) -> int:
+        return len(self.objectives)
+
+    def __iter__(self) -> Iterator[ProtectedObjective]:
+        return iter(self.objectives.values())
+
+    def get(self, name: str) -> ProtectedObjective:
+        try:
+            return self.objectives[name]
+        except KeyError:
+            raise KeyError(f"no protected objective named {name!r}; known: {sorted(self.objectives)}") from None
+
+    def invalidate(self) -> None:
+        self.plan = None
+
+    def replace_all(self, objectives: dict[str, ProtectedObjective]) -> None:
+        self.objectives = objectives
+        self.invalidate()
+
+    # ------------------------------------------------------------------ registration
+    def register(
+        self,
+        name: str,
+        config: ObjectiveConfig,
+        params: list[torch.Tensor],
+        step: int,
+        *,
+        grads: Any = None,
+        closure: Closure | None = None,
+        bases: Any = None,
+    ) -> ProtectedObjective:
+        """Build an objective's memory from samples, a closure's gradient or given bases, and add it."""
+        if name in self.objectives:
+            raise ValueError(f"an objective named {name!r} is already protected; unprotect it first")
+        loss = None
+        samples = None
+        if closure is not None:
+            loss, sample = closure_gradient(name, closure, params)
+            samples = [sample]
+        elif grads is not None:
+            samples = normalize_samples(grads, name)
+        given = {}
+        if bases is None:
+            coverage, S = pack_samples(samples, params, name)
+        else:
+            if config.mode == "conflict" and samples is None:
+                raise ValueError(f"objective {name!r} in mode 'conflict' needs gradient samples or a closure (its reference)")
+            given = bases_by_index(bases, params, name)
+            cov = set(given)
+            if samples is not None:
+                cov |= {i for sample in samples for i, t in enumerate(sample) if t is not None}
+            coverage = tuple(sorted(cov))
+            S = None if samples is None else pack_samples(samples, params, name, coverage=coverage)[1]
+        obj = ProtectedObjective(name, config, coverage, [params[i].shape for i in coverage], closure=closure)
+        obj.param_bytes = sum(params[i].numel() * params[i].element_size() for i in coverage)
+        if given:
+            obj.set_bases({coverage.index(i): fm for i, fm in given.items()})
+        if S is not None:
+            obj.add_samples(S)
+        spec = shard_spec(params, coverage)
+        if spec is not None:
+            obj.shard_to(spec)
+        obj.schedule.restart(step, loss)
+        self.objectives[name] = obj
+        self.invalidate()
+        return obj
+
+    def remove(self, name: str) -> ProtectedObjective:
+        obj = self.get(name)
+        del self.objectives[name]
+        self.invalidate()
+        return obj
+
+    def add_samples(self, name: str, grads: Any, params: list[torch.Tensor]) -> None:
+        obj = self.get(name)
+        _, S = pack_samples(normalize_samples(grads, name), params, name, coverage=obj.coverage)
+        obj.add_samples(S)
+        self.invalidate()
+
+    # ------------------------------------------------------------------ the plan
+    def current_plan(self, params: list[torch.Tensor], active: frozenset[int] | None = None) -> Plan:
+        """The plan for these parameters (those in ``active`` take part), rebuilt when stale."""
+        objs = list(self.objectives.values())
+        if active is None:
+            active = frozenset(range(len(params)))
+        plan = self.plan
+        if (
+            plan is None
+            or len(self._plan_params) != len(params)
+            or any(a is not b for a, b in zip(self._plan_params, params))
+            or plan.versions != tuple(o.version for o in objs)
+            or plan.active != active
+        ):
+            for obj in objs:
+                for i, shape in zip(obj.coverage, obj.shapes):
+                    if i >= len(params) or params[i].shape != shape:
+                        got = "missing" if i >= len(params) else tuple(params[i].shape)
+                        raise ValueError(
+                            f"objective {obj.name!r} covers parameter {i} with shape {tuple(shape)}, "
+                            f"but the optimizer's parameter {i} is {got}"
+                        )
+            plan = self._build(objs, params, active)
+        return plan
+
+    @torch.compiler.disable
+    def _build(self, objs: list[ProtectedObjective], params: list[torch.Tensor], active: frozenset[int]) -> Plan:
+        # host-side bookkeeping (numpy, Python containers): never traced by torch.compile
+        plan = build_plan(objs, params, active)
+        if plan.shard is not None:
+            ReportConstants.of(plan)  # its Grams need a collective: every rank builds them now
+        self.plan, self._plan_params = plan, list(params)
+        return plan
