@@ -78,8 +78,8 @@ class ObjectiveRegistry:
         if bases is None:
             coverage, S = pack_samples(samples, params, name)
         else:
-            if config.mode == "conflict" and samples is None:
-                raise ValueError(f"objective {name!r} in mode 'conflict' needs gradient samples or a closure (its reference)")
+            if config.operator.needs_reference and samples is None:
+                raise ValueError(f"objective {name!r} in mode {config.mode!r} needs gradient samples or a closure (its reference)")
             given = bases_by_index(bases, params, name)
             cov = set(given)
             if samples is not None:

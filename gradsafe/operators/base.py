@@ -60,6 +60,9 @@ class Operator:
     mode: ClassVar[str]
     title: ClassVar[str]
     paper: ClassVar[str] = ""
+    #: whether the operator's memory must come from gradients (samples or a closure), not
+    #: from bases alone
+    needs_reference: ClassVar[bool] = False
 
     def selects(self, config: "ObjectiveConfig") -> bool:
         """Whether this operator implements ``config`` (the registry asks in order)."""

@@ -36,6 +36,7 @@ class ConflictProjection(Operator):
     mode = "conflict"
     title = "conflict projection (A-GEM / GEM / SafeGrad)"
     paper = "Chaudhry et al. 2019 (A-GEM); Lopez-Paz and Ranzato 2017 (GEM); Yi et al. 2025 (SafeGrad)"
+    needs_reference = True
 
     def check(self, config: "ObjectiveConfig") -> None:
         if config.strength != 1.0:
