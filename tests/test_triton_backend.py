@@ -127,7 +127,7 @@ def test_kernels_are_triton_kernels_in_this_mode():
     from triton.runtime.interpreter import InterpretedFunction
 
     assert kernels.INTERPRETED is (not NATIVE)
-    for k in (kernels.surgery.reduce_kernel, kernels.surgery.finalize_kernel, kernels.surgery.apply_kernel):
+    for k in (kernels.reduce.reduce_kernel, kernels.finalize.finalize_kernel, kernels.apply.apply_kernel):
         assert isinstance(k, InterpretedFunction) is (not NATIVE)
 
 
