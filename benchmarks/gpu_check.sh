@@ -7,7 +7,9 @@
 #   3. `gradsafe bench` on one configuration (200 tensors, k = 16);
 #   4. `gradsafe bench --scope factored` (16 matrices of 4096 x 4096, rank 64: matmuls).
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (default: $OUT if set, else benchmarks/gpu_out)
-# Writes OUT_DIR/{env.txt,tests.txt,sweep.txt,sweep.log,single.txt,factored.txt,summary.txt}. Each stage has
+# First installs this checkout in editable mode (pip, no dependencies, no network): the kernels
+# are the top-level kernels/ folder, importable as gradsafe.kernels only through an install.
+# Writes OUT_DIR/{install.txt,env.txt,tests.txt,sweep.txt,sweep.log,single.txt,factored.txt,summary.txt}. Each stage has
 # its own time limit; the sweep prints its rows as it goes (sweep.log), so a stage cut short
 # still leaves its measured rows.
 set -u
@@ -21,15 +23,19 @@ export GRADSAFE_TRITON_NATIVE=1
 export TRITON_DEFAULT_FP_FUSION=1
 T0=$(date +%s)
 
+python -m pip install --no-deps --no-build-isolation --no-index -e "$ROOT" > "$DEST/install.txt" 2>&1 \
+  || echo "editable install failed: see $DEST/install.txt"
+
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv 2>&1 || echo "nvidia-smi failed"
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))"
+  python -c "import gradsafe.kernels; print('gradsafe.kernels from', gradsafe.kernels.__file__)"
 } > "$DEST/env.txt" 2>&1
 cat "$DEST/env.txt"
 
 echo "== 1. kernel tests, native" | tee "$DEST/summary.txt"
-timeout 150 python -m pytest tests/test_triton_backend.py -q -p no:cacheprovider -x 2>&1 | tee "$DEST/tests.txt" | tail -25
+timeout 150 python -m pytest tests/kernels tests/backends/test_triton_backend.py -q -p no:cacheprovider -x 2>&1 | tee "$DEST/tests.txt" | tail -25
 RC_TESTS=${PIPESTATUS[0]}
 echo "tests exit $RC_TESTS ($(( $(date +%s) - T0 )) s)" | tee -a "$DEST/summary.txt"
 

@@ -1,7 +1,7 @@
 """Backend selection: ``get_backend``, ``GRADSAFE_BACKEND``, auto, and the errors.
 
 Whatever runs in this process uses the Triton interpreter (set before ``gradsafe.kernels``
-is first imported, as in tests/test_triton_backend.py); the cases that need another
+is first imported, as in tests/backends/test_triton_backend.py); the cases that need another
 environment (no triton, no TRITON_INTERPRET) run in a subprocess.
 """
 

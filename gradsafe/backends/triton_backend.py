@@ -16,8 +16,9 @@ changes). Fallbacks, each documented in docs/kernels.md:
 - a gradient that is not contiguous, or not float32 / bfloat16 / float16, is worked on in a
   contiguous copy (float32 when its dtype is not one of these) that is written back.
 
-The per-plan tables (``gradsafe.kernels.layout``) are cached on the plan object, keyed by
-device, basis dtype and configuration.
+The per-plan tables (``gradsafe.backends.triton_layout.build_layout``, into the kernels'
+``KernelLayout``) are cached on the plan object, keyed by device, basis dtype and
+configuration.
 """
 
 from __future__ import annotations
@@ -89,11 +90,14 @@ class TritonBackend:
             raise RuntimeError(f"backend='triton' supports CUDA tensors (or CPU under TRITON_INTERPRET=1), not {device}")
 
     def layout(self, plan: Plan):
+        """The plan's ``TritonLayout`` for this backend's basis dtype and configuration (cached)."""
         key = ("triton", str(plan.device), self.basis_dtype, self.config)
         lay = plan.cache.get(key)
         if lay is None:
             self.check_device(plan.device)
-            lay = self._k.build_layout(plan, self.basis_dtype, self.config, plan.device)
+            from .triton_layout import build_layout
+
+            lay = build_layout(plan, self.basis_dtype, self.config, plan.device)
             plan.cache[key] = lay
         return lay
 

@@ -38,7 +38,7 @@ VARIANTS = [
 ]
 
 
-def compile_variants(arch: int = 90, variants=VARIANTS) -> list[dict]:
+def compile_variants(arch: int = 90, variants: list[tuple[str, dict]] = VARIANTS) -> list[dict]:
     """Compile each variant for ``sm_<arch>``; returns per variant its name, constexprs,
     seconds, and the number of 128-bit / all global loads in the PTX."""
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -46,18 +46,20 @@ def compile_variants(arch: int = 90, variants=VARIANTS) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import INTERPRETED, surgery
+    from . import INTERPRETED, apply, finalize, reduce
 
     if INTERPRETED:
         raise RuntimeError("compile_check needs the compiled kernels: unset TRITON_INTERPRET")
     sigs = {"reduce_kernel": _REDUCE_SIG, "apply_kernel": _APPLY_SIG, "finalize_kernel": _FINAL_SIG}
+    fns = {"reduce_kernel": reduce.reduce_kernel, "apply_kernel": apply.apply_kernel,
+           "finalize_kernel": finalize.finalize_kernel}
     target = GPUTarget("cuda", arch, 32)
     out = []
     for name, consts in variants:
         sig = dict(sigs[name])
         sig.update({k: "constexpr" for k in consts})
         t0 = time.perf_counter()
-        ck = triton.compile(ASTSource(fn=getattr(surgery, name), signature=sig, constexprs=consts), target=target)
+        ck = triton.compile(ASTSource(fn=fns[name], signature=sig, constexprs=consts), target=target)
         ptx = ck.asm["ptx"]
         out.append({
             "kernel": name,

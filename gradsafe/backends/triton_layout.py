@@ -1,143 +1,51 @@
-"""The tables the kernels read, built once per plan (pure torch / numpy: no triton here).
+"""From a plan to the tables the Triton kernels read (the gradsafe side of ``gradsafe.kernels``).
 
-A ``KernelLayout`` fixes, for one plan, one device and one basis storage dtype:
+The kernels package reads only plain containers (``KernelLayout``: int64 tables, a float64
+pool, launch geometry); everything it needs from the plan and the rule is put there by
+``build_layout``:
 
-- the tiles: each covered tensor is cut into ``chunk``-element tiles (the grid of the
-  reduce and apply passes);
 - the stored rows: the plan's float32 row views (no copy), or a bfloat16 copy padded so that
   every tensor's columns start on a 128-byte boundary; with bf16 rows the rule's Gram
   matrices come from the rounded rows (a second ``HostRule``), so that the result is
   orthogonal to the rows the kernels actually read;
-- the partials buffer: first one ``|h|^2`` slot per tile, then per block an
-  ``(r_b, tiles of its tensors)`` matrix, so that every sum the finalize pass makes (a
-  global column: a whole row of it; a per-tensor coefficient: the tensor's range of a row)
-  reads contiguous memory;
-- the coefficient table (for the report's numbers), the rule's columns (where each sums its
-  partials from and where its weight goes), the rule instances (one per independent
-  component of ``HostRule``) with their precomputed ``K^+``, ``P2``, ``H`` in one float64 pool.
+- the tiles, the partials buffer, the coefficient table, the rule's columns and instances
+  (one per independent component of ``HostRule``, with its ``K^+``, ``P2``, ``H``);
+- the dual's degeneracy threshold, ``gradsafe.qp.DEGENERATE``.
 
-Column layouts are documented in ``gradsafe/kernels/surgery.py`` and docs/kernels.md.
+Column layouts are documented in ``kernels/common.py`` (``gradsafe.kernels.common``) and
+docs/kernels.md. Importing this module imports triton (through ``gradsafe.kernels``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from ..kernels.layout import KernelConfig, KernelLayout, next_pow2
 from ..plan import Plan
+from ..qp import DEGENERATE
 from ..rule import HostRule
 
-__all__ = ["KernelConfig", "KernelLayout", "build_layout", "DTYPE_CODES", "next_pow2"]
+__all__ = ["TritonLayout", "build_layout"]
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ESIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 _PAD = 64  # bf16 row copies: each tensor's columns start at a multiple of 64 elements (128 bytes)
 
 
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+@dataclass(kw_only=True)
+class TritonLayout(KernelLayout):
+    """A ``KernelLayout`` with what the backend needs on the host besides the tables.
 
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Launch geometry and the limits of the device rule.
-
-    chunk: elements per tile (rounded up to a multiple of the pass blocks).
-    tile_elems: the register tile ``rows_block x BLOCK`` of the reduce / apply passes.
-    rows_block: the most rows a pass holds at once (more rows loop).
-    sum_block: the most partials a finalize sum reads per step (the step is the next power of
-        two of the longest sum, up to this); finalize_tile: partials a program holds at once
-        (coefficients per program = finalize_tile / step); col_block: rule columns per step
-        of its matrix products.
-    sweeps, rounds: the device conflict dual (several references): ``rounds`` times
-        ``sweeps`` projected Gauss-Seidel sweeps, each round closed by an exact solve on the
-        active set.
-    max_rule_columns, max_refs: a component with more basis columns / references than this
-        is solved by the host rule (one device-to-host transfer per step).
-    num_warps: warps per program of the reduce / apply passes.
+    rule: the rule the kernels' rows satisfy (``plan.rule``, or the bf16-rounded one); the
+        host-rule fallback solves it.
+    static_aligned_np: ``static_aligned`` as a numpy bool array (the per-step alignment flags
+        are computed with it).
     """
 
-    chunk: int = 16384
-    tile_elems: int = 4096
-    rows_block: int = 32
-    sum_block: int = 256
-    finalize_tile: int = 4096
-    col_block: int = 16
-    sweeps: int = 16
-    rounds: int = 4
-    max_rule_columns: int = 1024
-    max_refs: int = 32
-    num_warps: int = 4
-
-    def __post_init__(self) -> None:
-        for name in ("tile_elems", "rows_block", "sum_block", "finalize_tile", "col_block"):
-            v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"KernelConfig.{name} must be a power of two, got {v}")
-        if self.chunk < 1 or self.sweeps < 1 or self.rounds < 1:
-            raise ValueError("KernelConfig: chunk, sweeps and rounds must be >= 1")
-
-
-@dataclass
-class KernelLayout:
-    device: torch.device
-    rows_dtype: torch.dtype
-    config: KernelConfig
-    rule: HostRule  # the rule the kernels' rows satisfy (plan.rule, or the bf16-rounded one)
-    numels: list[int]
-    ntiles: list[int]
-    chunk: int
-    block_reduce: int
-    rb_reduce: int
-    block_apply: int
-    rb_apply: int
-    tens: torch.Tensor  # (T, 8) int64
-    groups: torch.Tensor  # reduce row groups (G, 4) int64
-    apply_groups: torch.Tensor  # (Ga, 4) int64
-    tile_list: list[tuple[int, int]]
-    changes: list[bool]  # per tensor: whether the apply pass writes it
-    static_aligned: list[bool]
-    n_part: int
-    coef_tab: torch.Tensor  # (C, 4) int64
-    acting: bool
-    device_rule: bool
-    host_reason: str | None
-    n_inst: int
-    inst_tab: torch.Tensor  # (I, 8) int64
-    col_tab: torch.Tensor  # (Z, 8) int64
-    pool: torch.Tensor  # float64
-    num_columns: int
-    maxr: int
-    has_r: bool
-    jb: int  # partials per sum step (finalize)
-    cb: int  # coefficients per finalize program
-    keep: list[torch.Tensor] = field(default_factory=list)
-    tile_cache: dict = field(default_factory=dict)
-    step_cache: dict = field(default_factory=dict)  # (addresses, dtypes) -> per-step tables
-
-    @property
-    def static_aligned_np(self) -> np.ndarray:
-        arr = self.__dict__.get("_static_aligned_np")
-        if arr is None:
-            arr = self.__dict__["_static_aligned_np"] = np.asarray(self.static_aligned, dtype=bool)
-        return arr
-
-    def tiles_for(self, codes: tuple[int, ...]) -> dict[int, tuple[torch.Tensor | None, torch.Tensor | None]]:
-        """Per gradient dtype code: (reduce tiles, apply tiles) as (n, 2) int64 device tables."""
-        hit = self.tile_cache.get(codes)
-        if hit is not None:
-            return hit
-        out = {}
-        for code in sorted(set(codes)):
-            red = [(p, j) for p, j in self.tile_list if codes[p] == code]
-            app = [(p, j) for p, j in red if self.changes[p]]
-            out[code] = tuple(
-                torch.tensor(t, dtype=torch.int64, device=self.device).reshape(-1, 2) if t else None for t in (red, app)
-            )
-        self.tile_cache[codes] = out
-        return out
+    rule: HostRule
+    static_aligned_np: np.ndarray
 
 
 def _rounded_rule(plan: Plan, dtype: torch.dtype) -> HostRule:
@@ -167,7 +75,9 @@ def _stored_rows(plan: Plan, dtype: torch.dtype, device: torch.device):
     return out
 
 
-def build_layout(plan: Plan, rows_dtype: torch.dtype, config: KernelConfig, device: torch.device | None = None) -> KernelLayout:
+def build_layout(plan: Plan, rows_dtype: torch.dtype, config: KernelConfig,
+                 device: torch.device | None = None) -> TritonLayout:
+    """The tables of ``plan`` for rows stored in ``rows_dtype`` on ``device`` (default: the plan's)."""
     device = torch.device(device if device is not None else plan.device)
     cfg = config
     T = plan.num_tensors
@@ -315,11 +225,10 @@ def build_layout(plan: Plan, rows_dtype: torch.dtype, config: KernelConfig, devi
     jb = min(next_pow2(max(longest, 1)), cfg.sum_block)
     cb = max(cfg.finalize_tile // jb, 16)
 
-    return KernelLayout(
+    return TritonLayout(
         device=device,
         rows_dtype=rows_dtype,
         config=cfg,
-        rule=rule,
         numels=numels,
         ntiles=ntiles,
         chunk=chunk,
@@ -347,5 +256,8 @@ def build_layout(plan: Plan, rows_dtype: torch.dtype, config: KernelConfig, devi
         has_r=max_r > 0,
         jb=jb,
         cb=cb,
+        degenerate=DEGENERATE,
         keep=keep,
+        rule=rule,
+        static_aligned_np=np.asarray(static_aligned, dtype=bool),
     )
