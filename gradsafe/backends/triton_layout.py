@@ -10,7 +10,7 @@ pool, launch geometry); everything it needs from the plan and the rule is put th
   orthogonal to the rows the kernels actually read;
 - the tiles, the partials buffer, the coefficient table, the rule's columns and instances
   (one per independent component of ``HostRule``, with its ``K^+``, ``P2``, ``H``);
-- the dual's degeneracy threshold, ``gradsafe.qp.DEGENERATE``.
+- the dual's degeneracy threshold, ``gradsafe.numerics.DEGENERATE``.
 
 Column layouts are documented in ``kernels/common.py`` (``gradsafe.kernels.common``) and
 docs/kernels.md. Importing this module imports triton (through ``gradsafe.kernels``).
@@ -25,7 +25,7 @@ import torch
 
 from ..kernels.layout import KernelConfig, KernelLayout, next_pow2
 from ..plan import Plan
-from ..qp import DEGENERATE
+from ..numerics import DEGENERATE
 from ..rule import HostRule
 
 __all__ = ["TritonLayout", "build_layout"]
