@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from gradsafe.backends import get_backend
-from gradsafe.bench import make_problem, naive_step
-from gradsafe.bench_factored import make_factored_problem, naive_two_sided
+from gradsafe.bench.factored import make_factored_problem, naive_two_sided
+from gradsafe.bench.flat import make_problem, naive_step
 
 NUMEL = int(os.environ.get("GRADSAFE_BENCH_NUMEL", 10_000_000))
 

@@ -5,16 +5,19 @@ The core (``pip install gradsafe``) needs torch and numpy only; the study, its p
 ``require`` imports a module of such an extra or raises ``MissingDependency`` (an
 ``ImportError``) whose message is one line: what needs it, the package, the pip command;
 ``require_installed`` checks the same without importing (scikit-learn takes seconds).
-The command line prints that line and exits with code 2.
+The command line (``run_command``) prints that line on stderr and exits with code 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
+import sys
+from collections.abc import Callable
 from types import ModuleType
 
-__all__ = ["MissingDependency", "require", "require_installed", "PACKAGES"]
+__all__ = ["MissingDependency", "require", "require_installed", "run_command", "PACKAGES"]
 
 # import name -> the distribution pip installs it from (where the two differ or for the message)
 PACKAGES = {
@@ -66,3 +69,12 @@ def require_installed(module: str, extra: str, what: str) -> None:
         spec = None
     if spec is None:
         raise MissingDependency(module, extra, what)
+
+
+def run_command(run: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Run a command; a ``MissingDependency`` becomes its one line on stderr and exit code 2."""
+    try:
+        return int(run(args) or 0)
+    except MissingDependency as exc:
+        print(exc, file=sys.stderr)
+        return 2

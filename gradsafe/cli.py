@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._optional import MissingDependency
+from ._optional import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,11 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     plot.set_defaults(run=plot_mod.run)
 
     args = parser.parse_args(argv)
-    try:
-        return int(args.run(args) or 0)
-    except MissingDependency as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    return run_command(args.run, args)
 
 
 if __name__ == "__main__":  # pragma: no cover
