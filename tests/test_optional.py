@@ -73,6 +73,7 @@ def test_require_names_the_extra(monkeypatch):
 
 def test_require_a_submodule_names_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.delitem(sys.modules, "tqdm.auto", raising=False)  # imported earlier by another test's library
     with pytest.raises(MissingDependency, match=r'^x needs tqdm: pip install "gradsafe\[demo\]"$'):
         require("tqdm.auto", "demo", "x")
 
