@@ -3,10 +3,14 @@ the surgery, and the command runs."""
 
 from __future__ import annotations
 
+import sys
+
+import pytest
 import torch
 
+from gradsafe._optional import MissingDependency
 from gradsafe.backends.torch_backend import TorchBackend
-from gradsafe.bench.flat import make_problem, naive_bases, naive_step, surgery_floor_bytes
+from gradsafe.bench.flat import format_sweep, make_problem, naive_bases, naive_step, surgery_floor_bytes, sweep
 from gradsafe.cli import main
 
 
@@ -60,3 +64,20 @@ def test_python_m_gradsafe_bench_is_gradsafe_bench(capsys):
 
     assert bench_main(["--numel", "400", "--tensors", "2", "--rank", "1", "--rounds", "1", "--device", "cpu"]) == 0
     assert "gradsafe bench: 400 parameters in 2 tensors" in capsys.readouterr().out
+
+
+def test_sweep_rows_without_triton():
+    rows, peak = sweep(torch.device("cpu"), ks=(2,), bases=("fp32", "bf16"), scopes=("global", "tensor"),
+                       tensor_counts=(1, 3), numel=600, rounds=1, with_triton=False, peak=1e10)
+    assert peak == 1e10
+    assert [(r.basis, r.scope, r.tensors) for r in rows] == [
+        ("fp32", "global", 1), ("bf16", "global", 1), ("fp32", "global", 3), ("bf16", "global", 3),
+        ("fp32", "tensor", 3), ("bf16", "tensor", 3)]  # tensor scope on one tensor is the global problem
+    assert all(set(r.times) == {"naive", "torch", "adamw", "adamw_fused"} and r.launches is None for r in rows)
+    assert "gradsafe bench --sweep on cpu" in format_sweep(rows, peak, "cpu")
+
+
+def test_sweep_names_the_triton_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)
+    with pytest.raises(MissingDependency, match=r'^gradsafe bench --sweep needs triton: pip install "gradsafe\[triton\]"$'):
+        sweep(torch.device("cpu"), ks=(1,), tensor_counts=(1,), numel=100, rounds=1, peak=1e10)
