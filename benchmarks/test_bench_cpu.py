@@ -1,7 +1,7 @@
 """pytest-benchmark suite: the torch backend against a naive loop and AdamW on CPU.
 
 Run with ``python -m pytest benchmarks -q`` (not part of the test suite). The problem is
-PERF.md's CPU setting scaled by ``GRADSAFE_BENCH_NUMEL`` (default 10M parameters in 50
+a CPU setting scaled by ``GRADSAFE_BENCH_NUMEL`` (default 10M parameters in 50
 tensors, k = 8, fp32). Compare the medians in one run; ``gradsafe bench`` prints the same
 comparison as a table of ratios. The factored cases (``-k factored``) time the factored
 projection on ``GRADSAFE_BENCH_FACTORED_LAYERS`` (default 4) square matrices of side
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from gradsafe.backends import get_backend
-from gradsafe.bench import make_problem, naive_step
-from gradsafe.bench_factored import make_factored_problem, naive_two_sided
+from gradsafe.bench.factored import make_factored_problem, naive_two_sided
+from gradsafe.bench.flat import make_problem, naive_step
 
 NUMEL = int(os.environ.get("GRADSAFE_BENCH_NUMEL", 10_000_000))
 

@@ -18,7 +18,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("the GPU benchmarks need a CUDA device", allow_module_level=True)
 
-from gradsafe.bench import make_problem, naive_bases, naive_step  # noqa: E402
+from gradsafe.bench.flat import make_problem, naive_bases, naive_step  # noqa: E402
 from gradsafe.backends import get_backend  # noqa: E402
 
 NUMEL = int(os.environ.get("GRADSAFE_BENCH_NUMEL", 1 << 25))

@@ -1,12 +1,19 @@
-"""The ``gradsafe`` command line: ``gradsafe demo``, ``gradsafe bench``, ``gradsafe plot``."""
+"""The ``gradsafe`` command line: ``gradsafe demo``, ``gradsafe bench``, ``gradsafe plot``.
+
+A command whose optional dependency is missing prints one line naming the extra to install
+(``gradsafe demo needs scikit-learn: pip install "gradsafe[demo]"``) and exits with code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from ._optional import run_command
+
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: the process's arguments) and run the command; returns its exit code."""
     parser = argparse.ArgumentParser(prog="gradsafe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -29,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     plot.set_defaults(run=plot_mod.run)
 
     args = parser.parse_args(argv)
-    return int(args.run(args) or 0)
+    return run_command(args.run, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

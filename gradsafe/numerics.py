@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from threadpoolctl import ThreadpoolController
 
 __all__ = [
     "PINV_RTOL",
@@ -41,7 +42,7 @@ NULL_RTOL = 1e-12
 
 
 # ---------------------------------------------------------------------- host BLAS threads
-_controller = None
+_controller: ThreadpoolController | None = None
 
 
 @contextlib.contextmanager
@@ -49,21 +50,11 @@ def single_threaded_blas() -> Iterator[None]:
     """Run the enclosed numpy linear algebra with one BLAS thread.
 
     The rule's matrices are tiny (tens of rows); numpy's multi-threaded BLAS on them fights
-    the threads torch is using and can be 10-100x slower than one thread (a 64 x 64 ``eigh``
-    took 35 ms instead of 1 ms). Without threadpoolctl (an optional dependency) this is a
-    no-op.
+    the threads torch is using, which can make a small ``eigh`` many times slower.
     """
     global _controller
     if _controller is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            _controller = False
-        else:
-            _controller = ThreadpoolController()
-    if _controller is False:
-        yield
-        return
+        _controller = ThreadpoolController()
     with _controller.limit(limits=1, user_api="blas"):
         yield
 

@@ -185,34 +185,39 @@ class ProtectedObjective:
         return self.config.operator.rows_read(self.config, m.n_basis, n_samples)
 
     # ------------------------------------------------------------------ memory (replace)
-    def _replace(self, memory: mem.Memory) -> None:
+    def replace_memory(self, memory: mem.Memory) -> None:
+        """Make ``memory`` the objective's memory (a new version: plans over the old one are rebuilt).
+
+        Every update below goes through here; code that builds a memory record itself (the
+        benchmark's synthetic problems) uses it directly.
+        """
         self.memory = memory
         self.version += 1
 
     def add_samples(self, S: torch.Tensor) -> None:
         """Merge packed samples ``S`` (m, N) into the memory (basis union, running mean, online Fisher)."""
         mem.check_packed(S, self.numel, self.name)
-        self._replace(mem.merge(self.memory, self.layout, self.config, S, fresh=False, param_bytes=self.param_bytes, name=self.name))
+        self.replace_memory(mem.merge(self.memory, self.layout, self.config, S, fresh=False, param_bytes=self.param_bytes, name=self.name))
 
     def refresh(self, S: torch.Tensor) -> None:
         """Replace basis and references by those of the fresh samples; Fisher keeps its online average."""
         mem.check_packed(S, self.numel, self.name)
-        self._replace(mem.merge(self.memory, self.layout, self.config, S, fresh=True, param_bytes=self.param_bytes, name=self.name))
+        self.replace_memory(mem.merge(self.memory, self.layout, self.config, S, fresh=True, param_bytes=self.param_bytes, name=self.name))
         self.num_refreshes += 1
 
     def set_bases(self, factors: dict[int, FactorMemory]) -> None:
         """Start a factored objective from given bases (``t`` = index in the coverage), no samples."""
-        self._replace(mem.from_bases(self.layout, self.config, factors, param_bytes=self.param_bytes, name=self.name))
+        self.replace_memory(mem.from_bases(self.layout, self.config, factors, param_bytes=self.param_bytes, name=self.name))
 
     def shard_to(self, spec: ShardSpec) -> None:
         """Keep only this rank's part of the memory (FSDP2)."""
-        self._replace(mem.shard(self.memory, self.layout, spec, self.name))
+        self.replace_memory(mem.shard(self.memory, self.layout, spec, self.name))
 
     def unshard(self) -> ShardSpec | None:
         """Gather the whole memory on every rank (a collective); returns the spec it had."""
         spec = self.memory.shard
         if spec is not None:
-            self._replace(mem.unshard(self.memory, self.layout))
+            self.replace_memory(mem.unshard(self.memory, self.layout))
         return spec
 
     # ------------------------------------------------------------------ state

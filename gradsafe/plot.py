@@ -1,4 +1,5 @@
-"""``gradsafe plot run.jsonl -o fig.png``: the monitor's curves over steps."""
+"""``gradsafe plot run.jsonl -o fig.png``: the monitor's curves over steps (matplotlib, in the
+``[demo]`` extra)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import os
 from collections import defaultdict
 
+from ._optional import require
 from .monitor import read_jsonl
 
 __all__ = ["plot_run", "add_arguments", "run"]
@@ -14,9 +16,11 @@ _ORDER = ("cosine", "energy_in_subspace", "energy_removed", "predicted_change", 
 
 
 def plot_run(path: str | os.PathLike[str], out: str | os.PathLike[str], stats: list[str] | None = None) -> list[str]:
-    """Draw one panel per statistic, one line per objective; returns the statistics drawn."""
-    import matplotlib
+    """Draw one panel per statistic, one line per objective; returns the statistics drawn.
 
+    Raises ``MissingDependency`` (an ImportError naming the ``[demo]`` extra) without matplotlib.
+    """
+    matplotlib = require("matplotlib", "demo", "gradsafe plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._optional import require_installed
+
 __all__ = [
     "SETTINGS",
     "SPLIT_SEED",
@@ -74,8 +76,10 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
     Reads the file scikit-learn ships (``sklearn/datasets/data/digits.csv.gz``, the file that
     ``load_digits`` reads) without importing scikit-learn, which takes seconds; falls back to
-    ``sklearn.datasets.load_digits`` if the file is not where it is expected.
+    ``sklearn.datasets.load_digits`` if the file is not where it is expected. Without
+    scikit-learn (the ``[demo]`` extra) raises ``MissingDependency``.
     """
+    require_installed("sklearn", "demo", "the digits data (gradsafe.experiments.data)")
     spec = importlib.util.find_spec("sklearn")
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     for root in locations:

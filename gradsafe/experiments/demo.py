@@ -14,6 +14,10 @@ configurations around the same AdamW, with the same protected data budget. Table
 test (the monitor's predicted protected-loss change against the measured change, both
 domains) and the acceptance verdicts are printed and written to ``--out`` as Markdown and
 JSON, with PNG plots.
+
+It needs the ``[demo]`` extra (scikit-learn's digits, matplotlib, tqdm for the progress bar):
+``run`` checks for it first and raises ``MissingDependency``, which the command line prints
+as one line.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ import os
 import sys
 import time
 
+from .._optional import require_installed
+from .jobs import SCENARIOS, make_config
 from .methods import METHODS
-from .study import SCENARIOS, make_config, run_study
 
-__all__ = ["add_arguments", "run", "parse_seeds"]
+__all__ = ["add_arguments", "run", "parse_seeds", "check_dependencies"]
+
+# the [demo] extra's modules the study needs: the digits file ships with scikit-learn; the plots
+DEMO_MODULES = ("sklearn", "matplotlib")
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -63,9 +71,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def check_dependencies(progress: bool = True) -> None:
+    """Raise ``MissingDependency`` naming ``gradsafe demo`` and ``[demo]`` unless the extra is installed."""
+    for module in DEMO_MODULES + (("tqdm",) if progress else ()):
+        require_installed(module, "demo", "gradsafe demo")
+
+
 def run(args: argparse.Namespace) -> int:
-    """``gradsafe demo``: run the study, print the tables, write the results; returns 0."""
+    """``gradsafe demo``: run the study, print the tables, write the results; returns 0.
+
+    Raises ``MissingDependency`` when the ``[demo]`` extra is not installed (before any work).
+    """
     t0 = time.perf_counter()
+    progress = not getattr(args, "no_progress", False)
+    check_dependencies(progress)
+    # imported here, once the check passed: the study's plots import matplotlib
+    from .study import run_study
+
     scenario = getattr(args, "scenario", "all")
     methods = getattr(args, "methods", None)
     try:
@@ -79,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"gradsafe demo: error: {exc}", file=sys.stderr)
         return 2
-    agg = run_study(cfg, out_dir=args.out, progress=not getattr(args, "no_progress", False))
+    agg = run_study(cfg, out_dir=args.out, progress=progress)
     if agg["paths"]:
         print("written: " + ", ".join(agg["paths"].values()))
     print(f"wall time {time.perf_counter() - t0:.1f} s")

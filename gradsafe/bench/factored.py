@@ -4,7 +4,7 @@ reading and writing the gradient once.
 The factored scope keeps, per weight matrix ``G`` (m, n), an orthonormal left basis ``P``
 (r, m) and right basis ``Q`` (r, n) and projects ``G <- (I - P^T P) G (I - Q^T Q)``
 (gradsafe.factored). Every variant is timed on the same gradients, interleaved round by
-round with ``gradsafe.bench.measure``, two gradient sets rotating:
+round with ``gradsafe.bench.common.measure``, two gradient sets rotating:
 
 - ``floor: read+write G once``: ``torch._foreach_mul_(grads, 1.0)``, an in-place pass that
   reads and writes every gradient element once (8 bytes per fp32 parameter): no projection
@@ -31,13 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends.torch_backend import TorchBackend
-from .bench import _emit, measure
-from .factored import FactorMemory, from_bases
-from .options import SIDES
-from .objective import ProtectedObjective
-from .options import ObjectiveConfig
-from .plan import Plan, build_plan
+from ..backends.torch_backend import TorchBackend
+from ..factored import FactorMemory, from_bases
+from ..objective import ProtectedObjective
+from ..options import SIDES, ObjectiveConfig
+from ..plan import Plan, build_plan
+from .common import device_label, emit, measure, pick_device
 
 __all__ = [
     "FactoredProblem",
@@ -189,6 +188,7 @@ def _mb(nbytes: float) -> str:
 
 
 def format_factored_table(times: dict[str, list[float]], problem: FactoredProblem) -> str:
+    """The table: per variant its median and ratios, then the factored memory against a flat basis."""
     med = {name: statistics.median(ts) for name, ts in times.items()}
     floor, adamw, naive = med.get(FLOOR), med.get(ADAMW), med.get(NAIVE)
     head = f"{'variant':34s} {'median ms':>10s} {'vs floor':>9s} {'vs AdamW':>9s} {'vs naive':>9s}"
@@ -243,16 +243,16 @@ def _settings(args: argparse.Namespace, device: torch.device) -> tuple[int, int,
 
 def run_factored(args: argparse.Namespace) -> int:
     """``gradsafe bench --scope factored``: build, time, print (and write to ``--out``)."""
-    device = torch.device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(getattr(args, "device", None))
     layers, m, n, rank, rounds = _settings(args, device)
     sides = getattr(args, "sides", None) or "both"
     problem = make_factored_problem(layers, m, n, rank, sides, device=device)
     times = measure(factored_cases(problem), rounds, device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    where = device_label(device)
     text = (
         f"gradsafe bench --scope factored: {layers} layers of {m}x{n} ({problem.numel:,} parameters), rank {rank}, "
         f"sides={sides}, fp32 gradients, {where}, {rounds} interleaved rounds\n"
         + format_factored_table(times, problem)
     )
-    _emit(text, getattr(args, "out", None))
+    emit(text, getattr(args, "out", None))
     return 0

@@ -1,5 +1,5 @@
-"""``gradsafe bench``: the surgery's cost against a naive loop, the base optimizer's step and
-the bytes-moved floor.
+"""``gradsafe bench`` (flat scopes): the surgery's cost against a naive loop, the base
+optimizer's step and the bytes-moved floor.
 
 Every variant is timed in the same run, interleaved round by round (machines are noisy), and
 reported as a median with its ratios. Gradients are rotated between two sets, each larger
@@ -15,13 +15,9 @@ one.
   the measured copy bandwidth), every variant's median, the Triton backend's ratio to the
   floor, its speed-up over the naive loop and over the torch backend, its GB/s and its
   kernel launches per step; then the targets of issue 3, checked.
-- ``gradsafe bench --scope factored`` (``gradsafe.bench_factored``): the factored scope's
-  projection ``(I - P^T P) G (I - Q^T Q)`` on ``--layers`` weight matrices of ``--shape M N``
-  (torch backend, matmuls and one ``addmm_`` per matrix) against the floor of reading and
-  writing G once, the naive two-sided projection and the AdamW step; then the factored
-  memory against a flat tensor-scope basis of the same rank.
+- ``gradsafe bench --scope factored``: the factored scope, in ``gradsafe.bench.factored``.
 
-Bytes-moved floors per parameter (../shared/PERF.md), with s_g, s_U the bytes of a gradient
+Bytes-moved floors per parameter, with s_g, s_U the bytes of a gradient
 and a basis element: fused surgery ``(2k + 1) s_U + 3 s_g`` (the coefficient pass reads the
 k basis rows and the mean reference, the apply pass the k basis rows; the gradient is read
 twice and written once); the naive loop ``2 k s_U + 3 s_g`` at best; AdamW 28 bytes (fp32).
@@ -37,18 +33,23 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import get_backend
-from .objective import ProtectedObjective
-from .options import ObjectiveConfig
-from .plan import Plan, build_plan
+from .._optional import require
+from ..backends import get_backend, triton_available
+from ..backends.triton_backend import TritonBackend
+from ..memory import Memory, pack_rows
+from ..objective import ProtectedObjective
+from ..options import ObjectiveConfig
+from ..plan import Plan, build_plan
+from .common import device_label, emit, measure, pick_device, sync
 
 __all__ = [
-    "add_arguments",
-    "run",
+    "run_flat",
     "make_problem",
-    "measure",
     "Problem",
+    "naive_bases",
     "naive_step",
+    "cases_for",
+    "format_table",
     "sweep",
     "SweepRow",
     "copy_bandwidth",
@@ -107,12 +108,10 @@ def make_problem(
                 qt, _ = torch.linalg.qr(randn(sl.stop - sl.start, r))
                 basis[:r, sl] = qt.T
         energies = torch.ones(tensors, rank, device=device)
-    obj._pack(basis, randn(total), None)
+    storage = pack_rows(basis, randn(total), None)
     del basis
-    obj.energies = energies
-    obj.fisher = torch.rand(total, generator=gen, device=device)
-    obj.num_samples = 1
-    obj.version = 1
+    fisher = torch.rand(total, generator=gen, device=device)
+    obj.replace_memory(Memory(storage=storage, n_basis=rank, energies=energies, fisher=fisher, num_samples=1))
     return Problem(params, grad_sets, obj, build_plan([obj], params), rank)
 
 
@@ -132,35 +131,6 @@ def naive_step(problem: Problem, naive_bases: list[torch.Tensor], grads: list[to
         g.copy_(g - U @ (U.T @ g))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(
-    cases: dict[str, Callable[[int], None]], rounds: int, device: torch.device | None = None
-) -> dict[str, list[float]]:
-    """Time each case once per round, interleaved; returns seconds per case.
-
-    On a CUDA device each timing is bracketed by synchronisations (so it is the time the
-    step takes, launch overhead included).
-    """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for name, fn in cases.items():  # warm-up (and compilation)
-        fn(0)
-        fn(1)
-    _sync(device)
-    for r in range(rounds):
-        for name, fn in cases.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn(r)
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def surgery_floor_bytes(k: int, basis_bytes: int, grad_bytes: int = 4) -> int:
     """Bytes per parameter a fused step must move: (2k + 1) basis reads, 3 gradient passes."""
     return (2 * k + 1) * basis_bytes + 3 * grad_bytes
@@ -171,13 +141,13 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, rounds: int = 10
     x = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
     y.copy_(x)
-    _sync(device)
+    sync(device)
     ts = []
     for _ in range(rounds):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         y.copy_(x)
-        _sync(device)
+        sync(device)
         ts.append(time.perf_counter() - t0)
     del x, y
     return 2 * nbytes / statistics.median(ts)
@@ -206,11 +176,7 @@ def cases_for(problem: Problem, backend: str = "torch", device: torch.device | N
     }
     floors = {"naive per-parameter loop": 2 * k * 4 + 12, name: surgery_floor_bytes(k, 4)}
     if device.type == "cuda" and backend != "triton":
-        from .backends import triton_available
-
         if triton_available():
-            from .backends.triton_backend import TritonBackend
-
             for label, dt, sb in (("fp32", torch.float32, 4), ("bf16", torch.bfloat16, 2)):
                 tb = TritonBackend(basis_dtype=dt)
                 cases[f"gradsafe triton ({label} basis)"] = lambda r, tb=tb: tb.run(problem.plan, with_grads(r))
@@ -225,6 +191,7 @@ cpu_cases = cases_for  # the former name
 
 
 def format_table(times: dict[str, list[float]], floors: dict[str, float], numel: int, peak: float | None = None) -> str:
+    """The one-configuration table: per variant its median, speed-up, time vs AdamW, GB/s."""
     med = {name: statistics.median(ts) for name, ts in times.items()}
     naive = next((v for k, v in med.items() if k.startswith("naive")), None)
     adamw = med.get("AdamW step (default)")
@@ -295,10 +262,9 @@ def sweep(
         numel = SWEEP_NUMEL
     numel_of = (lambda k: numel.get(k, 1 << 24)) if isinstance(numel, dict) else (lambda k: int(numel))
     peak = peak if peak is not None else copy_bandwidth(device)
-    TritonBackend = None
     if with_triton:
-        from .backends.triton_backend import TritonBackend  # noqa: N806 (raises if triton cannot run)
-        from . import kernels
+        require("triton", "triton", "gradsafe bench --sweep")
+        from .. import kernels  # imports triton: only here
     rows: list[SweepRow] = []
     for tensors in tensor_counts:
         for scope in scopes:
@@ -325,7 +291,7 @@ def sweep(
                         "torch": lambda r, be=torch_be, problem=problem, wg=with_grads: be.run(problem.plan, wg(r)),
                     }
                     tb = None
-                    if TritonBackend is not None:
+                    if with_triton:
                         tb = TritonBackend(basis_dtype=dt)
                         cases["triton"] = lambda r, tb=tb, problem=problem, wg=with_grads: tb.run(problem.plan, wg(r))
                     cases["adamw"] = lambda r, o=opt, wg=with_grads: (wg(r), o.step())
@@ -422,52 +388,15 @@ def format_sweep(rows: list[SweepRow], peak: float, device_name: str) -> str:
 
 
 # ------------------------------------------------------------------------------ command line
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--numel", type=int, default=None, help="parameters in all (default 10M on CPU, 32M on GPU)")
-    parser.add_argument("--tensors", type=int, default=50, help="number of parameter tensors (default 50)")
-    parser.add_argument("--rank", type=int, default=None,
-                        help="basis rank k (default 8; --scope factored: 16 on CPU, 64 on GPU, 8 with --quick)")
-    parser.add_argument("--scope", choices=("global", "tensor", "factored"), default="global",
-                        help="global, tensor, or factored (the factored projection; --tensors / --numel are ignored)")
-    parser.add_argument("--layers", type=int, default=None,
-                        help="--scope factored: weight matrices (default 8 on CPU, 16 on GPU, 4 with --quick)")
-    parser.add_argument("--shape", type=int, nargs=2, metavar=("M", "N"), default=None,
-                        help="--scope factored: each matrix's shape (default 1024 1024 on CPU, 4096 4096 on GPU, "
-                             "256 256 with --quick)")
-    parser.add_argument("--sides", choices=("both", "left", "right"), default="both",
-                        help="--scope factored: which bases the objective has (default both)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (default 15; sweep 10)")
-    parser.add_argument("--backend", default="torch", help="gradsafe backend to time (default torch)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--quick", action="store_true", help="1M parameters, 5 rounds (sweep: a reduced grid)")
-    parser.add_argument("--sweep", action="store_true", help="the GPU sweep table (k, basis dtype, scope, tensors)")
-    parser.add_argument("--ks", type=_ints, default=(1, 4, 16, 64), help="sweep: ranks (default 1,4,16,64)")
-    parser.add_argument("--tensor-counts", type=_ints, default=(1, 200, 500), help="sweep: tensor counts")
-    parser.add_argument("--out", default=None, help="also write the table to this file")
-
-
-def _emit(text: str, out: str | None) -> None:
-    print(text, flush=True)
-    if out:
-        with open(out, "w") as fh:
-            fh.write(text + "\n")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.scope == "factored":
-        from .bench_factored import run_factored
-
-        return run_factored(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def run_flat(args: argparse.Namespace) -> int:
+    """``gradsafe bench`` for the global and tensor scopes (and ``--sweep``): time, print, write ``--out``."""
+    device = pick_device(args.device)
     rank = args.rank if args.rank is not None else 8
     if args.sweep:
         if device.type != "cuda":
             print("gradsafe bench --sweep measures the Triton kernels against the memory floor: it needs a CUDA device")
             return 2
+        require("triton", "triton", "gradsafe bench --sweep")
         kw = dict(ks=args.ks, tensor_counts=args.tensor_counts, rounds=args.rounds or 10)
         if args.quick:
             kw.update(ks=(1, 16), tensor_counts=(1, 200), numel=1 << 24, rounds=args.rounds or 5)
@@ -475,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
             kw.update(numel=args.numel)
         print(SWEEP_HEADER, flush=True)
         rows, peak = sweep(device, log=lambda s: print(s, flush=True), **kw)
-        _emit(format_sweep(rows, peak, torch.cuda.get_device_name(device)), args.out)
+        emit(format_sweep(rows, peak, torch.cuda.get_device_name(device)), args.out)
         return 0
     default_numel = 10_000_000 if device.type == "cpu" else 1 << 25
     numel = 1_000_000 if args.quick else (args.numel or default_numel)
@@ -484,11 +413,11 @@ def run(args: argparse.Namespace) -> int:
     cases, floors = cases_for(problem, args.backend, device)
     times = measure(cases, rounds, device)
     peak = copy_bandwidth(device) if device.type == "cuda" else None
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    where = device_label(device)
     text = (
         f"gradsafe bench: {problem.numel:,} parameters in {args.tensors} tensors, k={rank}, "
         f"scope={args.scope}, fp32 gradients, {where}, {rounds} interleaved rounds\n"
         + format_table(times, floors, problem.numel, peak)
     )
-    _emit(text, args.out)
+    emit(text, args.out)
     return 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradsafe.backends.torch_backend import TorchBackend
-from gradsafe.bench_factored import FLOOR, GRADSAFE, NAIVE, make_factored_problem, memory_bytes, naive_two_sided
+from gradsafe.bench.factored import FLOOR, GRADSAFE, NAIVE, make_factored_problem, memory_bytes, naive_two_sided
 from gradsafe.cli import main
 
 

@@ -1,0 +1,63 @@
+"""``gradsafe bench``: the surgery's cost, measured in one run with interleaved rounds.
+
+- ``flat``: the global and tensor scopes (naive loop, torch / Triton backends, AdamW step,
+  bytes floor), and the GPU ``--sweep``;
+- ``factored``: ``--scope factored``, the two-sided projection of the factored scope;
+- ``common``: what both share (interleaved timing, device choice, printing).
+
+This module holds the command line: ``add_arguments`` and ``run`` (used by ``gradsafe
+bench``) and ``main`` (``python -m gradsafe.bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .._optional import run_command
+from .factored import run_factored
+from .flat import run_flat
+
+__all__ = ["add_arguments", "run", "main"]
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``gradsafe bench``."""
+    parser.add_argument("--numel", type=int, default=None, help="parameters in all (default 10M on CPU, 32M on GPU)")
+    parser.add_argument("--tensors", type=int, default=50, help="number of parameter tensors (default 50)")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="basis rank k (default 8; --scope factored: 16 on CPU, 64 on GPU, 8 with --quick)")
+    parser.add_argument("--scope", choices=("global", "tensor", "factored"), default="global",
+                        help="global, tensor, or factored (the factored projection; --tensors / --numel are ignored)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="--scope factored: weight matrices (default 8 on CPU, 16 on GPU, 4 with --quick)")
+    parser.add_argument("--shape", type=int, nargs=2, metavar=("M", "N"), default=None,
+                        help="--scope factored: each matrix's shape (default 1024 1024 on CPU, 4096 4096 on GPU, "
+                             "256 256 with --quick)")
+    parser.add_argument("--sides", choices=("both", "left", "right"), default="both",
+                        help="--scope factored: which bases the objective has (default both)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (default 15; sweep 10)")
+    parser.add_argument("--backend", default="torch", help="gradsafe backend to time (default torch)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true", help="1M parameters, 5 rounds (sweep: a reduced grid)")
+    parser.add_argument("--sweep", action="store_true", help="the GPU sweep table (k, basis dtype, scope, tensors)")
+    parser.add_argument("--ks", type=_ints, default=(1, 4, 16, 64), help="sweep: ranks (default 1,4,16,64)")
+    parser.add_argument("--tensor-counts", type=_ints, default=(1, 200, 500), help="sweep: tensor counts")
+    parser.add_argument("--out", default=None, help="also write the table to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``gradsafe bench``: the factored table for ``--scope factored``, else the flat ones; returns the exit code."""
+    if args.scope == "factored":
+        return run_factored(args)
+    return run_flat(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gradsafe.bench [options]``: the same as ``gradsafe bench [options]``."""
+    parser = argparse.ArgumentParser(prog="gradsafe bench", description=__doc__)
+    add_arguments(parser)
+    return run_command(run, parser.parse_args(argv))

@@ -1,0 +1,7 @@
+"""``python -m gradsafe.bench``: ``gradsafe bench``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tests of gradsafe.bench, one module per bench module."""

@@ -1,0 +1,1 @@
+"""Tests of gradsafe.experiments, one module per experiments module."""
