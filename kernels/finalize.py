@@ -64,7 +64,7 @@ def _solve_dual(q, h_ptr, rn_ptr, nR, MAXR: tl.constexpr, SWEEPS: tl.constexpr, 
                 DEGEN: tl.constexpr):
     """argmin_{lam >= 0} 1/2 lam^T H lam + q^T lam, as gradsafe.qp solves it on the host.
 
-    A reference whose diagonal of H is below DEGEN (gradsafe.qp.DEGENERATE) times its squared norm
+    A reference whose diagonal of H is below DEGEN (gradsafe.numerics.DEGENERATE) times its squared norm
     before projection (``rn``) gets a zero multiplier and leaves the problem. One reference:
     the closed form. Several: ``ROUNDS`` rounds of ``SWEEPS`` projected Gauss-Seidel sweeps,
     each closed by an exact solve on the sweeps' active set (Gauss-Jordan on the masked

@@ -24,7 +24,7 @@ from torch import nn  # noqa: E402
 from gradsafe import ProtectedOptimizer  # noqa: E402
 from gradsafe.backends import AutoBackend, TorchBackend, get_backend  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_py(code: str, env_drop=(), env_set=None) -> subprocess.CompletedProcess:
