@@ -21,7 +21,6 @@ __all__ = [
     "NULL_RTOL",
     "single_threaded_blas",
     "LowRankRow",
-    "Operand",
     "operand_rows",
     "operand_gram",
 ]
@@ -85,10 +84,6 @@ class LowRankRow:
 
     def dense(self) -> torch.Tensor:
         return self.X @ self.Y
-
-
-#: What the rule reads on one tensor: dense rows ``(r, n)`` or one ``LowRankRow``.
-Operand = "torch.Tensor | LowRankRow"
 
 
 def operand_rows(op: torch.Tensor | LowRankRow) -> int:

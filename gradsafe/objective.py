@@ -196,14 +196,16 @@ class ProtectedObjective:
 
     def add_samples(self, S: torch.Tensor) -> None:
         """Merge packed samples ``S`` (m, N) into the memory (basis union, running mean, online Fisher)."""
-        mem.check_packed(S, self.numel, self.name)
-        self.replace_memory(mem.merge(self.memory, self.layout, self.config, S, fresh=False, param_bytes=self.param_bytes, name=self.name))
+        self.replace_memory(self._merged(S, fresh=False))
 
     def refresh(self, S: torch.Tensor) -> None:
         """Replace basis and references by those of the fresh samples; Fisher keeps its online average."""
-        mem.check_packed(S, self.numel, self.name)
-        self.replace_memory(mem.merge(self.memory, self.layout, self.config, S, fresh=True, param_bytes=self.param_bytes, name=self.name))
+        self.replace_memory(self._merged(S, fresh=True))
         self.num_refreshes += 1
+
+    def _merged(self, S: torch.Tensor, fresh: bool) -> mem.Memory:
+        mem.check_packed(S, self.numel, self.name)
+        return mem.merge(self.memory, self.layout, self.config, S, fresh=fresh, param_bytes=self.param_bytes, name=self.name)
 
     def set_bases(self, factors: dict[int, FactorMemory]) -> None:
         """Start a factored objective from given bases (``t`` = index in the coverage), no samples."""

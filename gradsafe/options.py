@@ -14,9 +14,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Union
 
-from .operators import operator_for
+from .operators import Operator, operator_for
 
-__all__ = ["ObjectiveConfig", "MODES", "SCOPES", "REFERENCES", "SIDES", "OPTION_NAMES", "config_from", "with_overrides", "option_table"]
+__all__ = [
+    "ObjectiveConfig",
+    "MODES",
+    "SCOPES",
+    "REFERENCES",
+    "SIDES",
+    "OPTION_NAMES",
+    "config_from",
+    "with_overrides",
+    "option_table",
+]
 
 Mode = Literal["project", "conflict", "observe"]
 Scope = Literal["global", "tensor", "factored"]
@@ -100,7 +110,7 @@ class ObjectiveConfig:
         self.operator.check(self)
 
     @property
-    def operator(self):
+    def operator(self) -> Operator:
         """The operator family that implements this configuration (``gradsafe.operators``)."""
         return operator_for(self)
 

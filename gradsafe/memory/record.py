@@ -133,10 +133,6 @@ class Memory:
     def sample_refs(self) -> torch.Tensor | None:
         return self.storage[self.n_basis + 1 :] if self.storage is not None and self.has_samples else None
 
-    def rows(self) -> tuple[torch.Tensor, int, bool]:
-        """``(storage, n_basis, has_samples)``, for code that rebuilds the storage."""
-        return self.storage, self.n_basis, self.has_samples
-
 
 EMPTY = Memory()
 
