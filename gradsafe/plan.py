@@ -41,10 +41,11 @@ class Block:
     """One objective's part of the step, as plain data (no live objective).
 
     ``kind`` "flat": dense rows over flat memory (``rows[:, slices[t]]`` per tensor).
-    ``kind`` "factored": the matrices of a factored objective; in conflict mode its one row
-    (the projected mean reference) is a ``LowRankRow`` per matrix (dense on 1-D tensors);
-    in project / observe mode the factored operator stage acts, and the block's
-    ``NUM_STATS`` coefficients per tensor are the statistics that stage writes.
+    ``kind`` "lowrank": a factored objective's reference as one row, a ``LowRankRow`` per
+    matrix (dense on its 1-D tensors): one constraint over all of them (conflict mode).
+    ``kind`` "stats": the matrices of a factored project / observe objective; the factored
+    operator stage acts on them, and the block's ``NUM_STATS`` coefficients per tensor are
+    the statistics that stage writes.
 
     What the rule does with the rows (``basis_rows``, ``penalty``, ``constraint``,
     ``live_rows``, ``acts``) is the objective's operator's ``RuleRows``.
@@ -66,8 +67,8 @@ class Block:
     constraint: tuple[int, ...] = ()  # rows that are conflict constraints
     live_rows: slice = field(default_factory=lambda: slice(0, 0))  # the contiguous rows that can get non-zero weights
     kind: str = "flat"
-    operands: list | None = None  # per tensor, "factored" blocks: a LowRankRow or dense rows
-    n_stats: int = 0  # "factored" project/observe blocks: coefficients per tensor
+    operands: list | None = None  # per tensor, "lowrank" and "stats" blocks: a LowRankRow or dense rows
+    n_stats: int = 0  # "stats" blocks: coefficients per tensor
     factors: list | None = None  # stats blocks: per tensor its FactorMemory
     factor_strength: float | None = None  # stats blocks: the factored operator's strength (None: it measures)
 
@@ -148,7 +149,7 @@ class Plan:
     @property
     def has_factored(self) -> bool:
         """Whether the plan has factored parts (operators or low-rank rows): torch backend only."""
-        return bool(self.factor_ops) or any(b.kind == "factored" for b in self.blocks)
+        return bool(self.factor_ops) or any(b.kind != "flat" for b in self.blocks)
 
 
 def build_plan(
@@ -197,7 +198,7 @@ def build_plan(
         if cfg.scope == "factored" and rule_rows.constraint_rows:
             if flat or mats:  # one constraint over the dense 1-D parts and the low-rank matrix parts
                 add(Block(rows=rows, positions=[p for p, _ in flat] + [p for p, _ in mats],
-                          slices=[sl for _, sl in flat] + [None] * len(mats), kind="factored", scope="global",
+                          slices=[sl for _, sl in flat] + [None] * len(mats), kind="lowrank", scope="global",
                           operands=[rows[:, sl] for _, sl in flat] + [obj.factors[t].reference_row() for _, t in mats],
                           **base, **ruled))
             continue
@@ -206,7 +207,7 @@ def build_plan(
             scope = "tensor" if cfg.scope == "factored" else cfg.scope
             add(Block(rows=rows, positions=[p for p, _ in flat], slices=[sl for _, sl in flat], scope=scope, **base, **ruled))
         if mats:
-            add(Block(rows=None, positions=[p for p, _ in mats], slices=[None] * len(mats), kind="factored", scope="global",
+            add(Block(rows=None, positions=[p for p, _ in mats], slices=[None] * len(mats), kind="stats", scope="global",
                       operands=[obj.factors[t].reference_row() for _, t in mats], n_stats=NUM_STATS,
                       factors=[obj.factors[t] for _, t in mats], factor_strength=op.factored_strength(cfg),
                       acts=False, **base))
