@@ -137,11 +137,21 @@ class ProtectedOptimizer(torch.optim.Optimizer):
 
     @property
     def per_tensor(self) -> bool:
+        """Whether the report has per-parameter entries."""
         return self._recorder.per_tensor
+
+    @per_tensor.setter
+    def per_tensor(self, value: bool) -> None:
+        self._recorder.per_tensor = bool(value)
 
     @property
     def fisher_metrics(self) -> bool:
+        """Whether the report has ``fisher_step``."""
         return self._recorder.fisher_metrics
+
+    @fisher_metrics.setter
+    def fisher_metrics(self, value: bool) -> None:
+        self._recorder.fisher_metrics = bool(value)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.base_optimizer.add_param_group(param_group)

@@ -36,7 +36,7 @@ def triton_unavailable_reason() -> str | None:
     try:
         import gradsafe.kernels  # noqa: F401
     except ImportError as exc:  # triton missing (or broken)
-        return f"triton cannot be imported ({exc}); install it (pip install triton) or use backend='torch'"
+        return f"triton cannot be imported ({exc}); install it (pip install \"gradsafe[triton]\") or use backend='torch'"
     return None
 
 
