@@ -8,6 +8,7 @@ importing this module.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -42,6 +43,9 @@ NULL_RTOL = 1e-12
 
 # ---------------------------------------------------------------------- host BLAS threads
 _controller: ThreadpoolController | None = None
+_lock = threading.Lock()
+_depth = 0  # how many threads are inside single_threaded_blas
+_limiter = None
 
 
 @contextlib.contextmanager
@@ -50,12 +54,28 @@ def single_threaded_blas() -> Iterator[None]:
 
     The rule's matrices are tiny (tens of rows); numpy's multi-threaded BLAS on them fights
     the threads torch is using, which can make a small ``eigh`` many times slower.
+
+    The BLAS thread count is process-wide state, and OpenBLAS can lose a change made while
+    another thread is inside a BLAS call. So the limit is set only while this is the
+    process's one Python thread (a training loop without helper threads); with other threads
+    alive the BLAS settings are left alone (the small matrices are then solved with the
+    process's BLAS threads). Nested and concurrent entries count: the last to leave restores.
     """
-    global _controller
-    if _controller is None:
-        _controller = ThreadpoolController()
-    with _controller.limit(limits=1, user_api="blas"):
+    global _controller, _depth, _limiter
+    with _lock:
+        if _depth == 0 and threading.active_count() == 1:
+            if _controller is None:
+                _controller = ThreadpoolController()
+            _limiter = _controller.limit(limits=1, user_api="blas")
+        _depth += 1
+    try:
         yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0 and _limiter is not None:
+                _limiter.restore_original_limits()
+                _limiter = None
 
 
 # ---------------------------------------------------------------------- low-rank operands

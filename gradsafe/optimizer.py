@@ -8,6 +8,7 @@ own module; this one wires them together.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 from collections import OrderedDict
@@ -82,6 +83,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         if isinstance(base_optimizer, ProtectedOptimizer):
             raise TypeError("base_optimizer is already a ProtectedOptimizer; wrap the base optimizer once")
+        _check_steps_from_grad(base_optimizer)
         if space not in SPACES:
             raise ValueError(f"unknown space {space!r}; expected one of {SPACES}")
         if isinstance(auto_check_every, bool) or not isinstance(auto_check_every, int) or auto_check_every < 1:
@@ -424,6 +426,25 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             self.load_gradsafe_state_dict(saved)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+
+def _check_steps_from_grad(base: torch.optim.Optimizer) -> None:
+    """Refuse a base optimizer whose ``step`` requires a closure (LBFGS and the like).
+
+    Such an optimizer re-evaluates the loss and its gradient several times inside one step;
+    the surgery acts on the gradient in ``.grad`` once, before the step, and cannot act
+    inside it.
+    """
+    try:
+        closure = inspect.signature(base.step).parameters.get("closure")
+    except (TypeError, ValueError):  # a builtin or C-implemented step: nothing to inspect
+        return
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise TypeError(
+            f"{type(base).__name__}.step requires a closure (it re-evaluates the loss several times per step), "
+            "and gradsafe's surgery cannot act inside such a step: use an optimizer that steps from .grad "
+            "(SGD, Adam, AdamW, ...)"
+        )
 
 
 def _check_grad(g: torch.Tensor, index: int) -> torch.Tensor:

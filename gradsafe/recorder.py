@@ -13,9 +13,28 @@ from .objective import ProtectedObjective
 from .plan import Plan
 from .report import step_report
 
-__all__ = ["Recorder", "Sink"]
+__all__ = ["Recorder", "Report", "Sink"]
 
 Sink = Callable[[int, dict[str, float]], None]
+
+
+class Report(dict):
+    """The report of the last step: objective name -> its statistics (a plain dict otherwise).
+
+    Asking for an objective that has no entry says why, instead of a bare ``KeyError``.
+    """
+
+    def __init__(self, *args, known: tuple[str, ...] = (), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._known = known
+
+    def __missing__(self, name: str):
+        if name in self._known:
+            raise KeyError(
+                f"no report for objective {name!r} yet: the report describes the last step, and no step "
+                f"has run with {name!r} since it was protected (or since load_state_dict)"
+            )
+        raise KeyError(f"no protected objective named {name!r}; the report has {sorted(self)}")
 
 
 @dataclass
@@ -99,7 +118,7 @@ class Recorder:
     def report(self, objectives: Mapping[str, ProtectedObjective]) -> dict[str, dict[str, float]]:
         """The last booked step, per objective, as floats (docs/monitor.md has the formulas)."""
         if self._last is None:
-            return {}
+            return Report(known=tuple(objectives))
         if self._cache is None:
             last = self._last
             coefs, weights = last.record.host()
@@ -110,7 +129,8 @@ class Recorder:
                     stats["staleness"] = float(obj.schedule.staleness)
                 if name in last.fisher_step:
                     stats["fisher_step"] = float(last.fisher_step[name])
-            self._cache = report
+            self._cache = Report(report)
+        self._cache._known = tuple(objectives)  # objectives protected since the step have no entry yet
         return self._cache
 
     def flat_metrics(self, objectives: Mapping[str, ProtectedObjective]) -> dict[str, float]:

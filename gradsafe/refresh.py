@@ -80,9 +80,33 @@ def closure_loss(name: str, closure: Callable[[], torch.Tensor]) -> torch.Tensor
 def closure_gradient(
     name: str, closure: Callable[[], torch.Tensor], params: Sequence[torch.Tensor]
 ) -> tuple[float, list[torch.Tensor | None]]:
-    """The protected loss and its gradient at the current parameters; ``.grad`` is untouched."""
-    with torch.enable_grad():
-        loss = closure_loss(name, closure)
+    """The protected loss and its gradient at the current parameters; ``.grad`` is untouched.
+
+    The parameters' ``.grad`` are set aside while the closure runs, so that a closure that
+    calls ``backward()`` itself (it must only return the loss) is caught without having
+    changed them.
+    """
+    stashed = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        with torch.enable_grad():
+            loss = closure_loss(name, closure)
+        called_backward = any(p.grad is not None for p in params)
+    finally:
+        for p, g in zip(params, stashed):
+            p.grad = g
+    if called_backward:
+        raise RuntimeError(
+            f"the closure of {name!r} called backward(); it must only return the protected loss "
+            "(gradsafe differentiates it with torch.autograd.grad and leaves .grad alone): "
+            "end it with `return loss`, not `loss.backward()`"
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            f"the loss returned by the closure of {name!r} does not depend on the parameters (it does not "
+            "require grad): compute it from the model's output, outside torch.no_grad() and without .detach()"
+        )
     trainable = [i for i, p in enumerate(params) if p.requires_grad]
     grads = torch.autograd.grad(loss, [params[i] for i in trainable], allow_unused=True)
     sample: list[torch.Tensor | None] = [None] * len(params)

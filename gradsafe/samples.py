@@ -92,6 +92,13 @@ def pack_samples(
                 )
     if not coverage:
         raise ValueError(f"objective {name!r} covers no parameter (every entry is None)")
+    for i in coverage:
+        meta = params[i].is_meta or any(s[i] is not None and s[i].is_meta for s in samples)
+        if meta:
+            raise ValueError(
+                f"objective {name!r}: parameter {i} (or its gradient) is on the meta device and holds no "
+                "values; materialise the model first (e.g. model.to_empty(device=...) and load its weights)"
+            )
     devices = {params[i].device for i in coverage}
     if len(devices) > 1:
         raise ValueError(f"objective {name!r} covers parameters on several devices {devices}; not supported")

@@ -55,6 +55,7 @@ def merge(
     spec = memory.shard
     whole = unshard(memory, layout) if spec is not None else memory
     merged = _merge_whole(whole, layout, config, S, fresh)
+    _check_finite(merged, S, name)
     if config.memory_budget is not None:
         merged = apply_budget(merged, layout, config, param_bytes, name)
     return shard(merged, layout, spec) if spec is not None else merged
@@ -108,6 +109,21 @@ def _merge_whole(memory: Memory, layout: ObjectiveLayout, config: "ObjectiveConf
         factors=factors,
         num_samples=num_samples,
     )
+
+
+def _check_finite(memory: Memory, S: torch.Tensor, name: str) -> None:
+    """Refuse a merge whose results overflowed float32 (finite samples can square to inf)."""
+    parts = {"the Fisher diagonal": memory.fisher, "the basis and references": memory.storage}
+    for t, fm in memory.factors.items():
+        parts[f"the factored memory of covered tensor {t}"] = torch.cat(
+            [x.reshape(-1) for x in (fm.left, fm.right, fm.ref_left, fm.ref_right)]
+        )
+    for what, x in parts.items():
+        if x is not None and not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"objective {name!r}: {what} overflowed float32 (the largest protected gradient entry is "
+                f"{float(S.abs().max()):.3g}; its square must stay below 3.4e38): scale the protected loss down"
+            )
 
 
 def from_bases(

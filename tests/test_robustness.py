@@ -1,0 +1,180 @@
+"""Nothing silent, nothing surprising: the optimizer's answers to bad inputs and faults.
+
+Each test here failed on main at 8285a62 (the case named in its docstring).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from gradsafe import ProtectedOptimizer
+
+
+def _linear(seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(4, 2)
+
+
+def _samples(model: nn.Module, m: int = 3, scale: float = 1.0, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return [[scale * torch.randn(p.shape, generator=gen) for p in model.parameters()] for _ in range(m)]
+
+
+# ----------------------------------------------------------------------------- memory overflow
+@pytest.mark.parametrize("mode", ["project", "conflict", "observe"])
+def test_samples_whose_square_overflows_are_refused(mode):
+    """Samples of 1e20 passed the finiteness check; the squared Fisher was inf and with
+    damping the parameters were NaN after one step."""
+    model = _linear()
+    opt = ProtectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), damping=1.0)
+    with pytest.raises(ValueError, match=r"objective 'big': the Fisher diagonal overflowed float32.*scale the protected loss down"):
+        opt.protect("big", _samples(model, scale=1e20), mode=mode)
+    assert "big" not in opt.objectives
+    opt.protect("fine", _samples(model, scale=1e15), mode=mode)  # squares below float32's max
+
+
+# ----------------------------------------------------------------------------- closures
+def test_closure_that_calls_backward_is_caught_and_grad_untouched():
+    """It failed with torch's 'backward through the graph a second time' after .grad changed."""
+    model = _linear()
+    x = torch.randn(8, 4)
+    opt = ProtectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    model(x).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+
+    def wrong():
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match=r"the closure of 'safety' called backward\(\).*return loss"):
+        opt.protect("safety", closure=wrong)
+    assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+    assert not opt.objectives
+
+
+@pytest.mark.parametrize("make_loss", ["detach", "no_grad", "constant"])
+def test_closure_whose_loss_does_not_depend_on_the_parameters(make_loss):
+    """It failed with 'element 0 of tensors does not require grad'."""
+    model = _linear()
+    x = torch.randn(8, 4)
+    opt = ProtectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+
+    def closure():
+        if make_loss == "detach":
+            return model(x).sum().detach()
+        if make_loss == "constant":
+            return torch.tensor(1.0)
+        with torch.no_grad():
+            return model(x).sum()
+
+    with pytest.raises(ValueError, match="does not depend on the parameters"):
+        opt.protect("safety", closure=closure)
+
+
+# ----------------------------------------------------------------------------- base optimizers, devices
+def test_closure_driven_base_optimizer_is_refused_at_construction():
+    """ProtectedOptimizer(LBFGS(...)).step(closure) raised a TypeError deep in the step."""
+    model = _linear()
+    with pytest.raises(TypeError, match=r"LBFGS.step requires a closure.*steps from .grad"):
+        ProtectedOptimizer(torch.optim.LBFGS(model.parameters()))
+
+
+def test_meta_device_is_a_clear_error_at_protect():
+    with torch.device("meta"):
+        model = nn.Linear(4, 2)
+    opt = ProtectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="meta device"):
+        opt.protect("a", [[torch.randn(2, 4), torch.randn(2)]])
+    with pytest.raises(ValueError, match="meta device"):
+        opt.protect("b", [[torch.randn(2, 4, device="meta"), None]])
+
+
+# ----------------------------------------------------------------------------- report
+def test_report_before_the_first_step_says_why():
+    """opt.report['safety'] before a step was a bare KeyError."""
+    model = _linear()
+    opt = ProtectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), {"safety": _samples(model)})
+    assert opt.report == {}
+    with pytest.raises(KeyError, match="no report for objective 'safety' yet"):
+        opt.report["safety"]
+    with pytest.raises(KeyError, match="no protected objective named 'other'"):
+        opt.report["other"]
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    assert set(opt.report) == {"safety"}
+    opt.protect("late", _samples(model, seed=5))
+    with pytest.raises(KeyError, match="no report for objective 'late' yet"):
+        opt.report["late"]
+
+
+# ----------------------------------------------------------------------------- threads
+def test_concurrent_wrappers_leave_the_blas_thread_count_as_it_was():
+    """After four threads each stepped their own wrapper, OpenBLAS stayed at 1 thread."""
+    code = textwrap.dedent(
+        """
+        import threading
+        import numpy as np
+        import threadpoolctl
+        import torch
+        import gradsafe
+
+        def blas():
+            return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+
+        threadpoolctl.threadpool_limits(limits=2, user_api="blas")
+        before = blas()
+
+        def work(seed):
+            torch.manual_seed(seed)
+            model = torch.nn.Linear(8, 4)
+            ps = list(model.parameters())
+            samples = [[torch.randn_like(p) for p in ps] for _ in range(3)]
+            opt = gradsafe.ProtectedOptimizer(torch.optim.SGD(ps, lr=0.1), {"a": samples},
+                                              mode="conflict", references="samples")
+            a = np.random.default_rng(seed).standard_normal((128, 128))
+            for _ in range(100):
+                for p in ps:
+                    p.grad = torch.randn_like(p)
+                opt.step()
+                a @ a  # BLAS outside gradsafe, at the same time
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print(before, blas())
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    before, after = res.stdout.strip().split("] [")
+    assert before + "]" == "[" + after, res.stdout
+
+
+def test_single_threaded_blas_limits_a_single_threaded_loop_and_restores():
+    code = textwrap.dedent(
+        """
+        import threadpoolctl
+        from gradsafe.numerics import single_threaded_blas
+
+        def blas():
+            return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+
+        threadpoolctl.threadpool_limits(limits=2, user_api="blas")
+        before = blas()
+        with single_threaded_blas():
+            with single_threaded_blas():  # nested
+                inside = blas()
+            still = blas()
+        print(before == blas() == [2] * len(before), inside == still == [1] * len(before), len(before) > 0)
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["True", "True", "True"]
