@@ -390,7 +390,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         ``"gradsafe"`` (at the top level, and in the first param group for checkpointers that
         keep only ``state`` and ``param_groups``, as ``torch.distributed.checkpoint`` does).
         """
-        return gradsafe_state(self._registry.objectives, self.gradsafe_steps, self.space, self.default_config)
+        return gradsafe_state(self._registry.snapshot(), self.gradsafe_steps, self.space, self.default_config)
 
     def load_gradsafe_state_dict(self, saved: Mapping[str, Any]) -> None:
         """Restore what ``gradsafe_state_dict`` returned; the base optimizer is left alone.

@@ -3,6 +3,7 @@ compiled from them (cached until an objective's memory or the parameters change)
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,16 +23,33 @@ Closure = Callable[[], torch.Tensor]
 
 
 class ObjectiveRegistry:
-    """Named objectives in registration order, and the plan of the last step."""
+    """Named objectives in registration order, and the plan of the last step.
+
+    Adding, removing and replacing objectives, and taking a snapshot of them (what the state
+    dict saves), hold a lock: ``protect`` from one thread and ``state_dict`` from another do
+    not interfere. Steps are not meant to run concurrently on one wrapper.
+    """
 
     def __init__(self) -> None:
         self.objectives: dict[str, ProtectedObjective] = {}
         self.plan: Plan | None = None
         self._plan_params: list[torch.Tensor] = []
+        self._lock = threading.RLock()
 
     def __getstate__(self) -> dict[str, Any]:
         # a copy compiles its own plan (a plan holds views and, for the kernels, addresses)
-        return {**self.__dict__, "plan": None, "_plan_params": []}
+        state = {**self.__dict__, "plan": None, "_plan_params": []}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def snapshot(self) -> dict[str, ProtectedObjective]:
+        """The objectives now, as a new dict (safe to iterate while another thread protects)."""
+        with self._lock:
+            return dict(self.objectives)
 
     def __len__(self) -> int:
         return len(self.objectives)
@@ -49,8 +67,9 @@ class ObjectiveRegistry:
         self.plan = None
 
     def replace_all(self, objectives: dict[str, ProtectedObjective]) -> None:
-        self.objectives = objectives
-        self.invalidate()
+        with self._lock:
+            self.objectives = objectives
+            self.invalidate()
 
     # ------------------------------------------------------------------ registration
     def register(
@@ -96,14 +115,18 @@ class ObjectiveRegistry:
         if spec is not None:
             obj.shard_to(spec)
         obj.schedule.restart(step, loss)
-        self.objectives[name] = obj
-        self.invalidate()
+        with self._lock:
+            if name in self.objectives:
+                raise ValueError(f"an objective named {name!r} is already protected; unprotect it first")
+            self.objectives[name] = obj
+            self.invalidate()
         return obj
 
     def remove(self, name: str) -> ProtectedObjective:
-        obj = self.get(name)
-        del self.objectives[name]
-        self.invalidate()
+        with self._lock:
+            obj = self.get(name)
+            del self.objectives[name]
+            self.invalidate()
         return obj
 
     def add_samples(self, name: str, grads: Any, params: list[torch.Tensor]) -> None:
@@ -115,7 +138,8 @@ class ObjectiveRegistry:
     # ------------------------------------------------------------------ the plan
     def current_plan(self, params: list[torch.Tensor], active: frozenset[int] | None = None) -> Plan:
         """The plan for these parameters (those in ``active`` take part), rebuilt when stale."""
-        objs = list(self.objectives.values())
+        with self._lock:
+            objs = list(self.objectives.values())
         if active is None:
             active = frozenset(range(len(params)))
         plan = self.plan

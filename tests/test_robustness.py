@@ -178,3 +178,40 @@ def test_single_threaded_blas_limits_a_single_threaded_loop_and_restores():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["True", "True", "True"]
+
+
+def test_state_dict_while_another_thread_protects():
+    """state_dict() while another thread called protect raised 'dictionary changed size during iteration'."""
+    import threading
+
+    model = _linear()
+    opt = ProtectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    for i in range(20):
+        opt.protect(f"base{i}", _samples(model, m=1, seed=i))
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def churn():
+        try:
+            for i in range(300):
+                opt.protect(f"t{i}", _samples(model, m=1, seed=100 + i))
+                if i % 2:
+                    opt.unprotect(f"t{i - 1}")
+        except BaseException as exc:  # pragma: no cover - the failure is the point
+            errors.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    saved = 0
+    while not done.is_set():
+        state = opt.state_dict()
+        assert all(name in state["gradsafe"]["objectives"] for name in (f"base{i}" for i in range(20)))
+        saved += 1
+    thread.join()
+    assert not errors, errors
+    assert saved > 0
+    live = opt.objectives
+    opt.protect("after", _samples(model, m=1, seed=999))
+    assert "after" in live  # opt.objectives is a live view
