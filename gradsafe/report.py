@@ -94,7 +94,6 @@ class _Sums:
     hh: float = 0.0
     mean_norm2: float = 0.0
     inside: float = 0.0
-    removed: float = 0.0
     change: float = 0.0
 
 
@@ -126,6 +125,10 @@ def step_report(
                 w_by_pos[p] = _tensor_weights(plan, weights, p)
                 removed[p] += float(w_by_pos[p] @ gram @ w_by_pos[p])
 
+    # energy_removed is joint: the surgery solves one problem over every covered tensor, and
+    # its change restricted to one objective's tensors can exceed their own gradient energy
+    hh_all = float(hh.sum())
+    joint_removed = float(removed.sum()) / hh_all if hh_all > 0 else 0.0
     sums: dict[str, _Sums] = {}
     extra: dict[str, dict[str, float]] = {}
     for bi, b in enumerate(plan.blocks):
@@ -160,7 +163,6 @@ def step_report(
         acc.hh += float(hh_t.sum())
         acc.mean_norm2 += float(mean_norm2.sum())
         acc.inside += inside
-        acc.removed += float(removed[b.positions].sum())
         acc.change += float(change_t.sum())
         if per_tensor:
             index = plan.param_indices
@@ -168,7 +170,7 @@ def step_report(
             for t, p in enumerate(b.positions):
                 i = index[p]
                 mine[f"cosine/{i}"] = float(dots[t] / max(np.sqrt(hh_t[t] * mean_norm2[t]), 1e-300))
-                mine[f"energy_removed/{i}"] = float(removed[p] / hh_t[t]) if hh_t[t] > 0 else 0.0
+                mine[f"energy_removed/{i}"] = float(removed[p]) / hh_all if hh_all > 0 else 0.0
                 mine[f"predicted_change/{i}"] = float(change_t[t])
 
     out: dict[str, dict[str, float]] = {}
@@ -178,7 +180,7 @@ def step_report(
             "cosine": float(acc.dot / max(np.sqrt(acc.hh * acc.mean_norm2), 1e-300)),
             "conflict": float(acc.dot < 0.0),
             "energy_in_subspace": min(acc.inside / denom, 1.0) if acc.hh > 0 else 0.0,
-            "energy_removed": acc.removed / denom if acc.hh > 0 else 0.0,
+            "energy_removed": joint_removed,
             "predicted_change": acc.change,
             "grad_norm": float(np.sqrt(acc.hh)),
         }

@@ -215,3 +215,30 @@ def test_state_dict_while_another_thread_protects():
     live = opt.objectives
     opt.protect("after", _samples(model, m=1, seed=999))
     assert "after" in live  # opt.objectives is a live view
+
+
+# ----------------------------------------------------------------------------- report shares
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_every_share_in_the_report_lies_in_0_1(per_tensor):
+    """energy_removed came out > 1 for an objective over p1 only, when another objective over
+    p0 and p1 moved p1 more than p1's own gradient energy (a joint change read per objective)."""
+    p0, p1 = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(2))
+    opt = ProtectedOptimizer(torch.optim.SGD([p0, p1], lr=0.1), per_tensor=per_tensor)
+    opt.protect("A", [torch.tensor([1.0, 0, 0, 0]), torch.tensor([1.0, 0])], mode="conflict")
+    opt.protect("B", [None, torch.tensor([0.0, 1.0])], mode="observe")
+    p0.grad = torch.tensor([-1.0, 0.3, 0, 0])
+    p1.grad = torch.tensor([0.01, 0.02])
+    opt.step()
+    rep = opt.report
+    for name, stats in rep.items():
+        for key, value in stats.items():
+            if key.startswith(("energy_removed", "energy_in_subspace")):
+                assert 0.0 <= value <= 1.0 + 1e-9, (name, key, value)
+    # the joint share is |h - x|^2 / |h|^2 over everything the step covers, the same for both
+    h = torch.tensor([-1.0, 0.3, 0, 0, 0.01, 0.02])
+    r = torch.tensor([1.0, 0, 0, 0, 1.0, 0])
+    removed = float((h @ r) ** 2 / (r @ r)) / float(h @ h)
+    assert rep["A"]["energy_removed"] == pytest.approx(removed, rel=1e-5)
+    assert rep["B"]["energy_removed"] == pytest.approx(removed, rel=1e-5)
+    if per_tensor:
+        assert rep["A"]["energy_removed/0"] + rep["A"]["energy_removed/1"] == pytest.approx(removed, rel=1e-5)
