@@ -97,14 +97,16 @@ def _is_single_sample(value: Sequence[Any]) -> bool:
 def align_samples(
     samples: Any,
     source_params: Iterable[torch.Tensor] | torch.nn.Module,
-    target_params: Iterable[torch.Tensor],
+    target_params: Iterable[torch.Tensor] | torch.optim.Optimizer,
 ) -> Any:
     """Re-align gradient samples from one parameter order to another, by parameter identity.
 
     ``samples``: one sample (a sequence of tensors/None aligned with ``source_params``) or a
     sequence of samples; ``source_params``: a module (its ``.parameters()``) or the list the
     samples are aligned with (e.g. what ``collect_gradients`` used); ``target_params``: the
-    optimizer's parameters in ``param_groups`` order. A target parameter that is not among the
+    optimizer's parameters in ``param_groups`` order, or the optimizer itself (its
+    ``param_groups``, e.g. a ``ProtectedOptimizer`` whose parameter order a library chose, such
+    as Trainer with ``optimizer_cls_and_kwargs``, before ``opt.protect(...)``). A target parameter that is not among the
     source parameters gets ``None`` (not covered); a source parameter that the target lacks
     must have ``None`` in every sample, otherwise ``ValueError`` (that gradient would be lost).
     Callables (closure objectives) are returned unchanged.
@@ -115,7 +117,10 @@ def align_samples(
         source = list(source_params.parameters())
     else:
         source = list(source_params)
-    target = list(target_params)
+    if isinstance(target_params, torch.optim.Optimizer):
+        target = [p for group in target_params.param_groups for p in group["params"]]
+    else:
+        target = list(target_params)
     index = {id(p): i for i, p in enumerate(source)}
     target_ids = {id(p) for p in target}
     if isinstance(samples, torch.Tensor) or not isinstance(samples, Sequence):

@@ -10,6 +10,8 @@ Importing this module imports ``transformers``.
 - ``GradsafeCallback`` adds ``gradsafe/<objective>/<stat>`` to Trainer's training logs (the
   mean over the optimizer steps since the previous log). ``add_gradsafe_callback(trainer)``
   puts it before the reporting integrations, so TensorBoard / W&B / ... receive the keys too.
+- ``protected_optimizer_from_kwargs(kwargs)`` in a ``TrainerCallback`` event gives the wrapper
+  that Trainer steps (e.g. to ``protect(...)`` a new objective in the middle of a run).
 """
 
 from __future__ import annotations
@@ -20,9 +22,15 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ._common import ProtectedOptimizerFromParams, ReportAccumulator
+from ..optimizer import ProtectedOptimizer
+from ._common import ProtectedOptimizerFromParams, ReportAccumulator, find_protected_optimizer
 
-__all__ = ["GradsafeCallback", "add_gradsafe_callback", "protected_optimizer_cls_and_kwargs"]
+__all__ = [
+    "GradsafeCallback",
+    "add_gradsafe_callback",
+    "protected_optimizer_cls_and_kwargs",
+    "protected_optimizer_from_kwargs",
+]
 
 
 def protected_optimizer_cls_and_kwargs(
@@ -101,3 +109,21 @@ def add_gradsafe_callback(trainer: Any, prefix: str = "gradsafe") -> GradsafeCal
         raise ValueError("this Trainer already has a GradsafeCallback")
     callbacks.insert(0, callback)
     return callback
+
+
+def protected_optimizer_from_kwargs(callback_kwargs: Mapping[str, Any]) -> ProtectedOptimizer:
+    """The ``ProtectedOptimizer`` that Trainer steps, from the ``**kwargs`` of a callback event.
+
+    Trainer passes ``optimizer=trainer.optimizer`` (accelerate's ``AcceleratedOptimizer`` around
+    the wrapper) to every ``TrainerCallback`` event; this unwraps it. Objectives registered with
+    ``protect(...)`` in ``on_step_end`` act from the next optimizer step on. Raises
+    ``LookupError`` when the event carries no optimizer (before Trainer built it) or when the
+    optimizer is not a ``ProtectedOptimizer``.
+    """
+    optimizer = callback_kwargs.get("optimizer")
+    if optimizer is None:
+        raise LookupError("this callback event carries no optimizer (Trainer has not built it yet)")
+    opt = find_protected_optimizer(optimizer)
+    if opt is None:
+        raise LookupError(f"Trainer's optimizer is not a ProtectedOptimizer (got {type(optimizer).__name__})")
+    return opt
