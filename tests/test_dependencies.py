@@ -45,7 +45,7 @@ def test_extras():
     dev = extras["dev"]
     assert "gradsafe[demo,triton]" in dev
     assert {"pytest", "pytest-benchmark", "hypothesis", "transformers", "accelerate", "lightning",
-            "tensorboard"} <= {_name(d) for d in dev}
+            "tensorboard", "peft"} <= {_name(d) for d in dev}
 
 
 def test_import_gradsafe_pulls_no_extra():
