@@ -360,8 +360,20 @@ def factor_finish(staged: list[_Staged], coefs: torch.Tensor, scale: float = 1.0
             coefs[op.removed_offset] = 0.0
 
 
-def run_factor_ops(ops: list[FactorOp], work: list[torch.Tensor], coefs: torch.Tensor, shard=None) -> None:
+def partials_finite(partials: list[torch.Tensor]) -> bool:
+    """Whether phase 1's matrices are finite (a host read). A non-finite entry of a tensor the
+    stage acts on reaches them (``T = h Q^T``, ``A^T A``); under FSDP2 they are read after
+    their all-reduce, so that every rank decides alike."""
+    if not partials:
+        return True
+    return bool(torch.isfinite(torch.cat([x.reshape(-1) for x in partials])).all())
+
+
+def run_factor_ops(ops: list[FactorOp], work: list[torch.Tensor], coefs: torch.Tensor, shard=None) -> bool:
     """Apply every tensor's factored operator in place and write the stage's numbers.
+
+    Returns False, and changes nothing, when a tensor the stage acts on holds a non-finite
+    value (``partials_finite``): the operator would spread it over the whole matrix.
 
     Per tensor: ``S_o = P_o h`` and ``T_o = h Q_o^T`` for each factored objective (the
     stacked acting ``S``, ``T`` are their concatenation, no extra pass), then one rank-``r``
@@ -375,7 +387,10 @@ def run_factor_ops(ops: list[FactorOp], work: list[torch.Tensor], coefs: torch.T
     staged, partials = factor_partials(ops, work, coefs)
     if shard is not None and partials:
         sum_across_ranks(partials, shard)
+    if not partials_finite(partials):
+        return False
     factor_finish(staged, coefs, 1.0 if shard is None or shard.rank == 0 else 0.0)
+    return True
 
 
 def sum_across_ranks(tensors: list[torch.Tensor], shard, extra: torch.Tensor | None = None) -> None:

@@ -29,9 +29,10 @@ from .registry import Closure, ObjectiveRegistry
 from .serialization import embed, extract, gradsafe_state, restore_objectives
 from .sharding import local
 
-__all__ = ["ProtectedOptimizer", "SPACES"]
+__all__ = ["ProtectedOptimizer", "SPACES", "NONFINITE"]
 
 SPACES = ("grad", "update")
+NONFINITE = ("pass", "skip", "raise")
 _HOOK_DICTS = (
     "_optimizer_step_pre_hooks",
     "_optimizer_step_post_hooks",
@@ -65,6 +66,13 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             extra pass over the covered gradients).
         auto_check_every: with ``refresh_every="auto"``, measure the protected loss every
             this many steps and refresh when its change left the first-order prediction.
+        nonfinite: what a step whose gradient holds inf or nan does (seen from the
+            coefficients and norms the surgery computes anyway): "pass" (default) leaves the
+            surgery out of that step, so the gradient reaches the base optimizer as it came
+            and a non-finite entry spreads no further than without gradsafe; "skip" also
+            skips the base step; "raise" raises ``FloatingPointError`` before the base step.
+            Each such step is counted (``nonfinite_steps``, and in the report) and warned
+            about once. A GradScaler step with inf gradients never reaches the wrapper.
     """
 
     def __init__(
@@ -77,6 +85,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         per_tensor: bool = False,
         fisher_metrics: bool = False,
         auto_check_every: int = 10,
+        nonfinite: str = "pass",
         **options: Any,
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
@@ -88,6 +97,9 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"unknown space {space!r}; expected one of {SPACES}")
         if isinstance(auto_check_every, bool) or not isinstance(auto_check_every, int) or auto_check_every < 1:
             raise ValueError(f"auto_check_every must be an int >= 1, got {auto_check_every!r}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"unknown nonfinite {nonfinite!r}; expected one of {NONFINITE}")
+        self.nonfinite = nonfinite
         self.base_optimizer = base_optimizer
         self.space = space
         self.auto_check_every = auto_check_every
@@ -258,8 +270,9 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             self._recorder.clear()
             self.base_optimizer.step()
             return loss
-        plan, record, tensors = self._surgery(step_base=True)
-        self._record(plan, record, tensors)
+        done = self._surgery(step_base=True)
+        if done is not None:  # None: a non-finite step skipped (nonfinite="skip")
+            self._record(*done)
         return loss
 
     @torch.compiler.disable
@@ -274,12 +287,16 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         Host-side bookkeeping, never traced by torch.compile.
         """
         objectives = self._registry.objectives
+        self._recorder.count_nonfinite(record, plan, self.gradsafe_steps + 1, self.nonfinite)
         if self._recorder.book(plan, record, tensors, self._step_scale(plan), objectives):
             self.gradsafe_steps += 1
             self._recorder.emit(self.gradsafe_steps, objectives)
 
-    def _surgery(self, step_base: bool) -> tuple[Plan, StepRecord, list[torch.Tensor]]:
-        """Refresh what is due, run the surgery, and (if ``step_base``) the base step."""
+    def _surgery(self, step_base: bool) -> tuple[Plan, StepRecord, list[torch.Tensor]] | None:
+        """Refresh what is due, run the surgery, and (if ``step_base``) the base step.
+
+        None when the step was skipped for a non-finite gradient (``nonfinite="skip"``).
+        """
         params = self._params()
         self._refresh(params)
         # parameters without a gradient are not stepped by the base optimizer: leave them
@@ -300,8 +317,17 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             tensors = grads
             record = self._backend.run(plan, tensors)
             if step_base:
+                if self.nonfinite != "pass" and not record.is_finite():
+                    return self._stop_nonfinite(record, plan)
                 self.base_optimizer.step()
         else:
+            if self.nonfinite != "pass":
+                # the base step comes first in this space: look at the gradients before it
+                norms = torch.stack([g.detach().float().norm() for g in grads]) if grads else None
+                if norms is not None and not bool(torch.isfinite(norms).all()):
+                    coefs = np.full(plan.coef_numel, np.nan)
+                    coefs[plan.norms_offset : plan.norms_offset + plan.num_tensors] = norms.double().cpu().numpy() ** 2
+                    return self._stop_nonfinite(StepRecord(coefs=coefs, weights=None, finite=False), plan)
             before = [p.detach().clone() for p in covered]
             self.base_optimizer.step()
             # the surgery acts on u = theta_before - theta_after, the "gradient-like" direction
@@ -310,6 +336,22 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             for p, b, u in zip(covered, before, tensors):
                 p.copy_(b.to(torch.float32) - u)
         return plan, record, tensors
+
+    @torch.compiler.disable
+    def _stop_nonfinite(self, record: StepRecord, plan: Plan) -> None:
+        """``nonfinite="skip"`` / ``"raise"``: count the step, then skip it or raise."""
+        bad = self._recorder.count_nonfinite(record, plan, self.gradsafe_steps + 1, self.nonfinite)
+        if self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"gradsafe: the gradient of parameter(s) {bad or '(a sum overflowed)'} is not finite at step "
+                f"{self.gradsafe_steps + 1}; nothing was stepped (nonfinite='raise')"
+            )
+        return None
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """How many steps had a non-finite gradient (a device read with the Triton backend)."""
+        return self._recorder.nonfinite_count()
 
     def _step_scale(self, plan: Plan) -> np.ndarray:
         """Per plan position, delta theta = -scale * x: the group's lr in space "grad", else 1."""

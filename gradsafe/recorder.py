@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -56,10 +57,49 @@ class Recorder:
         self.sinks: list[tuple[Sink, int]] = []
         self._last: _LastStep | None = None
         self._cache: dict[str, dict[str, float]] | None = None
+        self._nonfinite = 0  # steps with a non-finite gradient, seen on the host
+        self._nonfinite_device: torch.Tensor | None = None  # ... and decided on a device
+        self._warned_nonfinite = False
 
     def clear(self) -> None:
         self._last = None
         self._cache = None
+
+    # ------------------------------------------------------------------ non-finite steps
+    def count_nonfinite(self, record: StepRecord, plan: Plan, step: int, policy: str) -> list[int]:
+        """Count the step if its gradient was not finite, warn the first time; returns the
+        parameter indices whose squared norm is not finite (empty if unknown or finite).
+
+        A device flag (a backend that does not synchronise) is added up on the device.
+        """
+        flag = record.finite
+        if isinstance(flag, torch.Tensor) and flag.device.type != "cpu":
+            miss = (~flag).to(torch.int64)
+            self._nonfinite_device = miss if self._nonfinite_device is None else self._nonfinite_device + miss
+            return []
+        if bool(flag):
+            return []
+        self._nonfinite += 1
+        coefs = record.host()[0]
+        hh = coefs[plan.norms_offset : plan.norms_offset + plan.num_tensors]
+        bad = [plan.param_indices[p] for p in np.flatnonzero(~np.isfinite(hh))]
+        self._warn_nonfinite(f"at step {step} the gradient of parameter(s) {bad or '(a sum overflowed)'} is not finite", policy)
+        return bad
+
+    def _warn_nonfinite(self, what: str, policy: str) -> None:
+        if self._warned_nonfinite:
+            return
+        self._warned_nonfinite = True
+        action = {"pass": "the surgery was left out of that step (the gradient passed through as it came)",
+                  "skip": "the step was skipped", "raise": "an error was raised"}[policy]
+        warnings.warn(f"gradsafe: {what}; {action} (nonfinite={policy!r}; warned once, counted in "
+                      "opt.nonfinite_steps and the report)", RuntimeWarning, stacklevel=5)
+
+    def nonfinite_count(self) -> int:
+        device = 0 if self._nonfinite_device is None else int(self._nonfinite_device)
+        if device and not self._warned_nonfinite:
+            self._warn_nonfinite(f"{device} step(s) had a non-finite gradient", "pass")
+        return self._nonfinite + device
 
     def book(
         self,
@@ -79,7 +119,7 @@ class Recorder:
         fisher_step = self._fisher_step(plan, tensors, step_scale, objectives) if tensors is not None else {}
         self._last = _LastStep(plan, record, step_scale, fisher_step)
         self._cache = None
-        if any(o.had_closure for o in objectives.values()):
+        if any(o.had_closure for o in objectives.values()) and record.is_finite():
             for name, stats in self.report(objectives).items():
                 obj = objectives.get(name)
                 if obj is not None and obj.had_closure:
@@ -131,6 +171,10 @@ class Recorder:
                     stats["fisher_step"] = float(last.fisher_step[name])
             self._cache = Report(report)
         self._cache._known = tuple(objectives)  # objectives protected since the step have no entry yet
+        count = self.nonfinite_count()
+        if count:
+            for stats in self._cache.values():
+                stats["nonfinite_steps"] = float(count)
         return self._cache
 
     def flat_metrics(self, objectives: Mapping[str, ProtectedObjective]) -> dict[str, float]:

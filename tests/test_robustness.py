@@ -242,3 +242,117 @@ def test_every_share_in_the_report_lies_in_0_1(per_tensor):
     assert rep["B"]["energy_removed"] == pytest.approx(removed, rel=1e-5)
     if per_tensor:
         assert rep["A"]["energy_removed/0"] + rep["A"]["energy_removed/1"] == pytest.approx(removed, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- non-finite gradients
+NONFINITE_CASES = [
+    dict(mode="project"),
+    dict(mode="conflict"),
+    dict(mode="conflict", references="samples"),  # GEM
+    dict(mode="project", scope="tensor"),
+    dict(mode="project", damping=1.0),
+    dict(mode="project", scope="factored"),
+    dict(mode="conflict", scope="factored"),
+    dict(mode="project", space="update"),
+]
+
+
+def _nan_step(base: str, nonfinite: str = "pass", backend: str = "torch", **kw):
+    space = kw.pop("space", "grad")
+    model = _linear()
+    make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.1), "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.1)}[base]
+    opt = ProtectedOptimizer(make(model.parameters()), space=space, nonfinite=nonfinite, backend=backend)
+    opt.protect("old", _samples(model), **kw)
+    torch.manual_seed(3)
+    model(torch.randn(5, 4)).square().sum().backward()
+    model.weight.grad[0, 0] = float("nan")
+    grads = [p.grad.clone() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    return model, opt, grads, before
+
+
+def _plain_step(base: str, grads, before):
+    """What the base optimizer alone does with the same gradient."""
+    params = [nn.Parameter(b.clone()) for b in before]
+    opt = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.1), "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.1)}[base](params)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    return params
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("kw", NONFINITE_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_one_nan_spreads_no_further_than_without_gradsafe(base, kw):
+    """One NaN in weight.grad[0, 0] made every parameter entry NaN after step()."""
+    model, opt, grads, before = _nan_step(base, **kw)
+    with pytest.warns(RuntimeWarning, match=r"parameter\(s\) \[0\] is not finite.*surgery was left out"):
+        opt.step()
+    plain = _plain_step(base, grads, before)
+    for p, q in zip(model.parameters(), plain):
+        assert torch.equal(torch.isnan(p), torch.isnan(q))  # the same entries, and only those
+        assert torch.allclose(p.nan_to_num(0.0), q.nan_to_num(0.0), rtol=1e-6, atol=1e-7)
+    assert int(torch.isnan(model.weight).sum()) <= 1
+    assert opt.nonfinite_steps == 1 and opt.gradsafe_steps == 1
+    assert opt.report["old"]["nonfinite_steps"] == 1.0
+    if base != "sgd":
+        return  # AdamW's moments of that entry stay NaN, as without gradsafe
+    # a finite step afterwards is a normal step with the surgery on
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    model.weight.data.nan_to_num_(0.0)
+    opt.step()
+    assert opt.nonfinite_steps == 1 and opt.gradsafe_steps == 2
+
+
+@pytest.mark.parametrize("space", ["grad", "update"])
+def test_nonfinite_skip_leaves_everything_as_it_was(space):
+    model, opt, grads, before = _nan_step("adamw", nonfinite="skip", mode="conflict", space=space)
+    with pytest.warns(RuntimeWarning, match="the step was skipped"):
+        opt.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad.nan_to_num(7.0), g.nan_to_num(7.0))
+    assert opt.state == {} or all(not s for s in opt.state.values())  # AdamW never stepped
+    assert opt.gradsafe_steps == 0 and opt.nonfinite_steps == 1
+
+
+@pytest.mark.parametrize("space", ["grad", "update"])
+def test_nonfinite_raise_names_the_parameter_and_steps_nothing(space):
+    model, opt, _, before = _nan_step("sgd", nonfinite="raise", space=space)
+    with pytest.raises(FloatingPointError, match=r"parameter\(s\) \[0\] is not finite"):
+        with pytest.warns(RuntimeWarning):
+            opt.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+
+def test_nonfinite_is_validated():
+    with pytest.raises(ValueError, match="unknown nonfinite"):
+        ProtectedOptimizer(torch.optim.SGD(_linear().parameters(), lr=0.1), nonfinite="ignore")
+
+
+def test_huge_finite_gradient_whose_square_overflows_is_passed_through():
+    model, opt, grads, before = _nan_step("sgd", mode="conflict")
+    model.weight.grad[0, 0] = 3e38  # finite, but |g|^2 overflows float32
+    with pytest.warns(RuntimeWarning):
+        opt.step()
+    assert bool(torch.isfinite(model.bias).all())
+    assert int((~torch.isfinite(model.weight)).sum()) <= 1
+
+
+@pytest.mark.parametrize("force_host_rule", [False, True])
+def test_triton_backend_contains_a_nan(force_host_rule):
+    """On CUDA the device rule decides without a synchronisation (weights zeroed on the
+    device, the count added up there); here the kernels run under the interpreter on CPU."""
+    from gradsafe.backends.triton_backend import TritonBackend
+
+    model, opt, grads, before = _nan_step("sgd", backend=TritonBackend(force_host_rule=force_host_rule), mode="conflict")
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        opt.step()
+    plain = _plain_step("sgd", grads, before)
+    for p, q in zip(model.parameters(), plain):
+        assert torch.equal(torch.isnan(p), torch.isnan(q))
+        assert torch.allclose(p.nan_to_num(0.0), q.nan_to_num(0.0), rtol=1e-6, atol=1e-7)
+    assert opt.nonfinite_steps == 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..factored import factor_finish, factor_partials, run_factor_ops, sum_across_ranks
+from ..factored import factor_finish, factor_partials, partials_finite, run_factor_ops, sum_across_ranks
 from ..numerics import LowRankRow
 from ..plan import Plan
 from .base import StepRecord
@@ -87,9 +87,10 @@ class TorchBackend:
         # the factored operators act first (docs/math.md section 7); when no row reads a
         # tensor they change, their sums across ranks (FSDP2) ride on the coefficients' all-reduce
         staged = partials = None
+        finite = True
         if plan.factor_ops:
             if views.rows_after_factored:
-                run_factor_ops(plan.factor_ops, work, coefs, plan.shard)
+                finite = run_factor_ops(plan.factor_ops, work, coefs, plan.shard)
             else:
                 staged, partials = factor_partials(plan.factor_ops, work, coefs)
         for pos, rows, offset, first in views.coef:
@@ -103,12 +104,28 @@ class TorchBackend:
         if plan.shard is not None:  # FSDP2: each rank summed its own rows; one all-reduce
             sum_across_ranks(partials or [], plan.shard, extra=coefs)
         if staged is not None:
-            factor_finish(staged, coefs)
-        host = coefs.cpu().numpy()  # the step's one device-to-host transfer
+            if partials_finite(partials):
+                factor_finish(staged, coefs)
+            else:
+                finite = False
+        host = coefs.cpu().numpy()  # the step's one device-to-host transfer (factored plans: two)
+        compiling = torch.compiler.is_compiling()
+        if compiling:  # branch-free: zero weights below (damping, elementwise, stays)
+            finite = np.isfinite(host).all() & finite
+        elif not (finite and np.isfinite(host).all()):
+            # a non-finite gradient entry (or a sum that overflowed): the rule would spread it
+            # to every entry its rows touch. The tensors are handed back as they came (damping
+            # undone, to rounding; copies are not written back).
+            views_damped = [i for i in damped if work[i].data_ptr() == tensors[i].data_ptr()]
+            if views_damped:
+                torch._foreach_div_([work[i] for i in views_damped], [plan.damp_factors[i] for i in views_damped])
+            return StepRecord(coefs=host, weights=None, finite=False)
 
         weights = None
         if views.apply:
             weights = plan.rule.solve(host)
+            if compiling:
+                weights = np.where(finite, weights, 0.0)
             W = torch.from_numpy(weights.astype(np.float32)).to(plan.device)
             for pos, rows_t, live in views.apply:
                 if isinstance(rows_t, LowRankRow):
@@ -118,4 +135,4 @@ class TorchBackend:
 
         for t, w in writeback:
             t.copy_(w.view_as(t))
-        return StepRecord(coefs=host, weights=weights)
+        return StepRecord(coefs=host, weights=weights, finite=finite)

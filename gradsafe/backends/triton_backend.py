@@ -179,13 +179,23 @@ class TritonBackend:
         self.last_host_rule = acting and not on_device
         if self.last_host_rule:
             host = coefs.cpu().numpy()  # the fallback's one device-to-host transfer
+            if not np.isfinite(host).all():
+                # a non-finite gradient entry: the rule would spread it; the tensors are left as they came
+                return StepRecord(coefs=coefs, weights=None, finite=False)
             w = lay.rule.solve(host)
             weights = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64)).to(dev)
             if weights.numel() == 0:
                 weights = torch.zeros(1, dtype=torch.float64, device=dev)
+            finite = True
+        else:
+            # decided on the device, no synchronisation: with a non-finite coefficient the
+            # weights are zero, so the apply pass only damps (elementwise: nothing spreads)
+            finite = torch.isfinite(coefs).all()
+            if acting:
+                weights = torch.where(finite, weights, torch.zeros((), dtype=weights.dtype, device=dev))
         for code, (_red, app) in groups.items():
             if app is not None:
                 k.launch_apply(lay, app, gtab, weights, code)
         for t, w in writeback:
             t.copy_(w.view_as(t))
-        return StepRecord(coefs=coefs, weights=weights[: plan.weight_numel] if acting else None)
+        return StepRecord(coefs=coefs, weights=weights[: plan.weight_numel] if acting else None, finite=finite)
