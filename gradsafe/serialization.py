@@ -127,7 +127,7 @@ def _restore_one(
         raise StateDictError(f"objective {name!r}: field 'coverage': {e}") from e
     try:
         obj = ProtectedObjective.from_state_dict(name, state, device=device, shard=spec, param_shapes=param_shapes)
-    except StateDictError:
+    except (StateDictError, torch.OutOfMemoryError):
         raise
     except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:  # anything not foreseen, still named
         raise StateDictError(f"objective {name!r}: the saved state does not load: {type(e).__name__}: {e}") from e
