@@ -9,6 +9,7 @@ a closure objective is a separate record (``gradsafe.refresh.RefreshState``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -17,9 +18,11 @@ import torch
 
 from . import memory as mem
 from .factored import FactorMemory
+from .memory.state import MEMORY_KEYS, MEMORY_OPTIONAL_KEYS, StateDictError, check_int, check_layout
 from .operators.base import RowSpan
 from .operators.damping import keeps_fisher, normalized
 from .options import ObjectiveConfig
+from .refresh import STATE_KEYS as REFRESH_KEYS
 from .refresh import RefreshState
 from .sharding import ShardSpec
 
@@ -238,15 +241,56 @@ class ProtectedObjective:
 
     @classmethod
     def from_state_dict(
-        cls, name: str, state: dict[str, Any], device: torch.device | None = None, shard: ShardSpec | None = None
+        cls,
+        name: str,
+        state: Mapping[str, Any],
+        device: torch.device | None = None,
+        shard: ShardSpec | None = None,
+        param_shapes: Sequence[Sequence[int]] | None = None,
     ) -> "ProtectedObjective":
-        """Rebuild an objective; ``shard``: the parameters' sharding (FSDP2) in this process."""
-        obj = cls(name, ObjectiveConfig(**state["config"]), state["coverage"], state["shapes"])
-        obj.memory = mem.memory_from_state(state, obj.layout, name, device, shard)
-        obj.num_refreshes = int(state["num_refreshes"])
-        obj.had_closure = bool(state["had_closure"])
+        """Rebuild an objective; ``shard``: the parameters' sharding (FSDP2) in this process.
+
+        ``param_shapes``: the shapes of all the optimizer's parameters, which the saved
+        coverage must index and whose shapes the saved ones must equal. The whole state is
+        validated (``StateDictError``, a ``ValueError`` naming the objective and the
+        field): known fields, the configuration, the counters, the memory's tensors.
+        """
+        if not isinstance(state, Mapping):
+            raise StateDictError(f"objective {name!r}: the saved state must be a mapping, got {type(state).__name__}")
+        required = ("config", "coverage", "shapes", *MEMORY_KEYS, "num_refreshes", "had_closure", *REFRESH_KEYS)
+        for key in required:
+            if key not in state:
+                raise StateDictError(f"objective {name!r}: missing field {key!r}")
+        unknown = sorted(set(state) - {*required, *MEMORY_OPTIONAL_KEYS, "param_bytes"})
+        if unknown:
+            raise StateDictError(f"objective {name!r}: unknown fields {unknown}")
+        saved_config = state["config"]
+        if not isinstance(saved_config, Mapping):
+            raise StateDictError(f"objective {name!r}: field 'config' must be a mapping, got {type(saved_config).__name__}")
+        try:
+            config = ObjectiveConfig(**saved_config)
+        except (TypeError, ValueError) as e:
+            raise StateDictError(f"objective {name!r}: field 'config': {e}") from e
+        coverage, shapes = check_layout(state["coverage"], state["shapes"], name, param_shapes)
+        obj = cls(name, config, coverage, shapes)
+        memory = mem.memory_from_state(state, obj.layout, name, device, shard, config=config)
+        counters = {key: check_int(state[key], name, key) for key in ("num_refreshes", "last_refresh_step", "last_check_step")}
+        if not isinstance(state["had_closure"], bool):
+            raise StateDictError(f"objective {name!r}: field 'had_closure' must be a bool, got {state['had_closure']!r}")
+        for key in ("loss_at_refresh", "predicted_since_refresh", "staleness"):
+            value = state[key]
+            if (value is None and key != "predicted_since_refresh") or (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+            ):
+                continue
+            raise StateDictError(f"objective {name!r}: field {key!r} must be a number"
+                                 f"{'' if key == 'predicted_since_refresh' else ' or None'}, got {value!r}")
+        param_bytes = check_int(state["param_bytes"], name, "param_bytes") if "param_bytes" in state else obj.param_bytes
+        obj.memory = memory
+        obj.num_refreshes = counters["num_refreshes"]
+        obj.had_closure = state["had_closure"]
         obj.schedule = RefreshState.from_state(state)
-        obj.param_bytes = int(state.get("param_bytes", obj.param_bytes))
+        obj.param_bytes = param_bytes
         obj.version = 1
         return obj
 

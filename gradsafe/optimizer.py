@@ -438,14 +438,24 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         """Restore what ``gradsafe_state_dict`` returned; the base optimizer is left alone.
 
         Objectives are replaced by the saved ones; a closure registered on this wrapper under
-        the same name is kept (closures cannot be saved).
+        the same name is kept (closures cannot be saved). The saved state is validated first
+        (``StateDictError``, a ``ValueError`` naming the objective and the field); on an
+        error nothing changes. The saved space and objective defaults replace this wrapper's
+        (exact resume), with a ``UserWarning`` when they differ.
         """
-        objectives, steps, space, defaults = restore_objectives(saved, self._params(), self._registry.objectives)
+        import warnings
+
+        from .serialization import settings_changed
+
+        objectives, steps, space, defaults = restore_objectives(saved, self._params(), self._registry.objectives, SPACES)
+        changed = settings_changed(self.space, self.default_config, space, defaults)
         self._registry.replace_all(objectives)
         self.gradsafe_steps = steps
         self.space = space
         self.default_config = defaults
         self._recorder.clear()
+        if changed is not None:
+            warnings.warn(changed, UserWarning, stacklevel=2)
 
     def state_dict(self) -> dict[str, Any]:
         for hook in self._optimizer_state_dict_pre_hooks.values():
@@ -458,14 +468,51 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict: the base optimizer's part and gradsafe's (``"gradsafe"``).
+
+        Atomic: gradsafe's part is validated and built first (``StateDictError`` naming the
+        objective and the field), then the base optimizer's state is loaded; if that raises,
+        or leaves a param group without one of the base optimizer's hyperparameters (a state
+        saved by another optimizer class), the base optimizer's previous state is put back
+        and one ``StateDictError`` is raised (torch's exception as its ``__cause__``).
+        Nothing is changed by a load that raises.
+        """
+        import copy
+        import warnings
+
+        from .serialization import StateDictError, check_base_groups, settings_changed
+
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
         base_state, saved = extract(state_dict)
-        self.base_optimizer.load_state_dict(base_state)
+        restored = None
         if saved is not None:
-            self.load_gradsafe_state_dict(saved)
+            restored = restore_objectives(saved, self._params(), self._registry.objectives, SPACES)
+        base = self.base_optimizer
+        before = copy.deepcopy(base.state_dict())
+        try:
+            base.load_state_dict(base_state)
+            check_base_groups(base)
+        except Exception as e:
+            base.load_state_dict(before)
+            if isinstance(e, StateDictError):
+                raise
+            raise StateDictError(
+                f"the saved optimizer state does not match the base optimizer {type(base).__name__}: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        if restored is not None:
+            objectives, steps, space, defaults = restored
+            changed = settings_changed(self.space, self.default_config, space, defaults)
+            self._registry.replace_all(objectives)
+            self.gradsafe_steps = steps
+            self.space = space
+            self.default_config = defaults
+            self._recorder.clear()
+            if changed is not None:
+                warnings.warn(changed, UserWarning, stacklevel=2)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
