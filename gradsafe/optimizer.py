@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import sys
 import types
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
@@ -21,12 +22,20 @@ import torch
 from .backends import Backend, StepRecord, get_backend
 from .memory import MemoryReport, memory_rows
 from .objective import ProtectedObjective
-from .options import config_from, with_overrides
+from .options import ObjectiveConfig, config_from, with_overrides
 from .plan import Plan
 from .recorder import Recorder, Sink
 from .refresh import refresh_due
 from .registry import Closure, ObjectiveRegistry
-from .serialization import embed, extract, gradsafe_state, restore_objectives
+from .serialization import (
+    StateDictError,
+    check_base_groups,
+    embed,
+    extract,
+    gradsafe_state,
+    restore_objectives,
+    settings_changed,
+)
 from .sharding import local
 
 __all__ = ["ProtectedOptimizer", "SPACES", "NONFINITE"]
@@ -443,11 +452,11 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         error nothing changes. The saved space and objective defaults replace this wrapper's
         (exact resume), with a ``UserWarning`` when they differ.
         """
-        import warnings
+        self._commit(restore_objectives(saved, self._params(), self._registry.objectives, SPACES))
 
-        from .serialization import settings_changed
-
-        objectives, steps, space, defaults = restore_objectives(saved, self._params(), self._registry.objectives, SPACES)
+    def _commit(self, restored: tuple[dict[str, ProtectedObjective], int, str, ObjectiveConfig]) -> None:
+        """Make a validated, restored state the wrapper's (warning when its settings differ)."""
+        objectives, steps, space, defaults = restored
         changed = settings_changed(self.space, self.default_config, space, defaults)
         self._registry.replace_all(objectives)
         self.gradsafe_steps = steps
@@ -455,7 +464,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         self.default_config = defaults
         self._recorder.clear()
         if changed is not None:
-            warnings.warn(changed, UserWarning, stacklevel=2)
+            warnings.warn(changed, UserWarning, stacklevel=3)
 
     def state_dict(self) -> dict[str, Any]:
         for hook in self._optimizer_state_dict_pre_hooks.values():
@@ -477,11 +486,6 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         and one ``StateDictError`` is raised (torch's exception as its ``__cause__``).
         Nothing is changed by a load that raises.
         """
-        import copy
-        import warnings
-
-        from .serialization import StateDictError, check_base_groups, settings_changed
-
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -491,28 +495,20 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         if saved is not None:
             restored = restore_objectives(saved, self._params(), self._registry.objectives, SPACES)
         base = self.base_optimizer
-        before = copy.deepcopy(base.state_dict())
+        check_base_groups(base, base_state)
+        # torch's load replaces the state (it writes into no tensor of it), so a shallow
+        # snapshot is enough to put the previous state back
+        before = base.state_dict()
         try:
             base.load_state_dict(base_state)
-            check_base_groups(base)
         except Exception as e:
             base.load_state_dict(before)
-            if isinstance(e, StateDictError):
-                raise
             raise StateDictError(
                 f"the saved optimizer state does not match the base optimizer {type(base).__name__}: "
                 f"{type(e).__name__}: {e}"
             ) from e
         if restored is not None:
-            objectives, steps, space, defaults = restored
-            changed = settings_changed(self.space, self.default_config, space, defaults)
-            self._registry.replace_all(objectives)
-            self.gradsafe_steps = steps
-            self.space = space
-            self.default_config = defaults
-            self._recorder.clear()
-            if changed is not None:
-                warnings.warn(changed, UserWarning, stacklevel=2)
+            self._commit(restored)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

@@ -136,15 +136,17 @@ def _restore_one(
     return obj
 
 
-def check_base_groups(base: torch.optim.Optimizer) -> None:
-    """Raise ``StateDictError`` if a param group of ``base`` lacks one of its defaults' keys.
+def check_base_groups(base: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
+    """Raise ``StateDictError`` if a saved param group lacks one of ``base.defaults``' keys.
 
     A state dict saved by another optimizer class (AdamW's loaded into SGD) loads without
-    complaint in torch and fails at the next step (``KeyError: 'momentum'``); after a load,
-    every group holds every hyperparameter of ``base.defaults``, or the state was not
-    ``base``'s.
+    complaint in torch and fails at the next step (``KeyError: 'momentum'``): every group
+    saved by ``base``'s class holds every hyperparameter of ``base.defaults``.
     """
-    for i, group in enumerate(base.param_groups):
+    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    if not isinstance(groups, list):
+        raise StateDictError(f"the saved optimizer state has no 'param_groups' list for {type(base).__name__}")
+    for i, group in enumerate(groups):
         missing = [k for k in base.defaults if k not in group]
         if missing:
             raise StateDictError(

@@ -384,9 +384,16 @@ def test_adamw_state_into_an_sgd_wrapper_raises_at_load_not_at_step():
 def test_sgd_state_into_an_adamw_wrapper_is_rejected():
     sd = saved(make_opt(make_params(), base="sgd"))
     adam = make_opt(make_params(), base="adamw")
-    # AdamW's own load already fails (KeyError 'step'); that error is kept as the cause
-    info = assert_load_fails(adam, sd, r"the saved optimizer state does not match the base optimizer AdamW")
-    assert isinstance(info.value.__cause__, KeyError)
+    # seen before anything is loaded: SGD's groups lack AdamW's hyperparameters
+    assert_load_fails(adam, sd, r"the saved optimizer state does not match the base optimizer AdamW: .*'betas'")
+
+
+def test_a_base_load_that_raises_is_wrapped_and_changes_nothing():
+    sd = saved(make_opt(make_params(), base="adamw"))
+    opt = make_opt(make_params(), base="adamw")
+    sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]  # one parameter short
+    info = assert_load_fails(opt, sd, r"the saved optimizer state does not match the base optimizer AdamW: ValueError")
+    assert isinstance(info.value.__cause__, ValueError)
 
 
 # ----------------------------------------------------------------------------- 4. settings replaced
