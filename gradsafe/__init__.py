@@ -6,11 +6,13 @@ from .monitor import GradientMonitor, JsonlSink, LoggingSink, TensorBoardSink
 from .objective import ProtectedObjective
 from .optimizer import ProtectedOptimizer
 from .options import ObjectiveConfig
+from .serialization import StateDictError
 
 __all__ = [
     "ProtectedOptimizer",
     "ProtectedObjective",
     "ObjectiveConfig",
+    "StateDictError",
     "collect_gradients",
     "collect_activation_bases",
     "ActivationBases",
