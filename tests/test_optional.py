@@ -16,7 +16,6 @@ import textwrap
 
 import pytest
 
-from gradsafe.numerics import single_threaded_blas
 from gradsafe._optional import MissingDependency, require, require_installed, run_command
 from gradsafe.experiments import data
 
@@ -129,14 +128,6 @@ def test_plot_run_without_matplotlib(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingDependency, match=r'^gradsafe plot needs matplotlib: pip install "gradsafe\[demo\]"$'):
         plot_run(tmp_path / "run.jsonl", tmp_path / "run.png")
-
-
-def test_single_threaded_blas_limits_blas_threads():
-    import threadpoolctl
-
-    with single_threaded_blas():
-        blas = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
-        assert all(p["num_threads"] == 1 for p in blas)
 
 
 # ----------------------------------------------------------------------------- the command line
