@@ -73,3 +73,34 @@ def test_examples_run(page: str, tmp_path, monkeypatch) -> None:
             exec(compile(block, f"{page}[block {i}]", "exec"), namespace)
         except Exception as exc:  # pragma: no cover - the message is the point
             raise AssertionError(f"{page}, example {i} failed: {exc!r}\n{block}") from exc
+
+
+# ----------------------------------------------------------------------------- the README: the newcomer's path
+ROOT = DOCS.parent
+DEMO_COMMAND = 'pip install ".[demo]" && gradsafe demo'
+TEST_COMMAND = 'pip install -e ".[dev]" && python -m pytest -q'
+
+
+def test_readme_leads_with_what_protected_best() -> None:
+    readme = (ROOT / "README.md").read_text()
+    first = python_blocks(ROOT / "README.md")[0]
+    assert 'protect("safety", closure=alignment_loss, mode="conflict", refresh_every=1)' in first
+    assert "## Which configuration should I use?" in readme and "(docs/results.md)" in readme
+    # every figure before the install section is one of docs/results.md's (none invented)
+    head = readme[: readme.index("## Install")]
+    results = (DOCS / "results.md").read_text()
+    figures = set(re.findall(r"(?<![\w.])\d+\.\d+", head))
+    assert figures and not [f for f in sorted(figures) if f not in results]
+
+
+def test_readme_commands_and_the_cpu_note() -> None:
+    readme = (ROOT / "README.md").read_text()
+    lines = readme.splitlines()
+    assert DEMO_COMMAND in lines and TEST_COMMAND in lines
+    first_pip = next(i for i, line in enumerate(lines) if line.startswith("pip install"))
+    fence = first_pip - 1
+    assert lines[fence] == "```bash" and lines[fence - 1] == ""
+    note = lines[fence - 2]  # the paragraph right above the first install commands
+    assert "https://download.pytorch.org/whl/cpu" in note and "CPU" in lines[fence - 3]
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == TEST_COMMAND
