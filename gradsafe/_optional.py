@@ -6,7 +6,9 @@ its plots and ``gradsafe plot`` need the ``[demo]`` extra, the Triton kernels th
 ``require`` imports a module of such an extra or raises ``MissingDependency`` (an
 ``ImportError``) whose message is one line: what needs it, the package, the pip command;
 ``require_installed`` checks the same without importing (scikit-learn takes seconds).
-The command line (``run_command``) prints that line on stderr and exits with code 2.
+The command line (``run_command``) prints that line on stderr and exits with code 2; it does
+the same for a ``UserError`` (a bad file, folder, device or option value), as one line
+``gradsafe <command>: <message>``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 from collections.abc import Callable
 from types import ModuleType
 
-__all__ = ["MissingDependency", "require", "require_installed", "run_command", "PACKAGES"]
+__all__ = ["MissingDependency", "UserError", "require", "require_installed", "run_command", "PACKAGES"]
 
 # import name -> the distribution pip installs it from (where the two differ or for the message)
 PACKAGES = {
@@ -38,6 +40,19 @@ class MissingDependency(ImportError):
         self.extra = extra
         self.what = what
         super().__init__(f'{what} needs {self.package}: pip install "gradsafe[{extra}]"', name=module)
+
+
+class UserError(Exception):
+    """A user error at the command line (a bad file, folder, device or value).
+
+    ``str(exc)`` is the message without the command's name; ``run_command`` prints it as one
+    line ``gradsafe <command>: <message>`` on stderr and returns exit code 2.
+    """
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks and runs of whitespace folded into single spaces."""
+    return " ".join(str(text).split())
 
 
 def _is_missing(exc: ImportError, module: str) -> bool:
@@ -71,10 +86,22 @@ def require_installed(module: str, extra: str, what: str) -> None:
         raise MissingDependency(module, extra, what)
 
 
-def run_command(run: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
-    """Run a command; a ``MissingDependency`` becomes its one line on stderr and exit code 2."""
+def run_command(
+    run: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, command: str | None = None
+) -> int:
+    """Run a command; a ``MissingDependency`` or ``UserError`` becomes one line on stderr and exit code 2.
+
+    A ``MissingDependency`` prints its own line (it names the command already); a
+    ``UserError`` prints ``gradsafe <command>: <message>``, where ``command`` defaults to
+    ``args.command`` (set by the ``gradsafe`` parser).
+    """
     try:
         return int(run(args) or 0)
     except MissingDependency as exc:
-        print(exc, file=sys.stderr)
+        print(one_line(str(exc)), file=sys.stderr)
+        return 2
+    except UserError as exc:
+        name = command or getattr(args, "command", None)
+        prefix = f"gradsafe {name}" if name else "gradsafe"
+        print(f"{prefix}: {one_line(str(exc))}", file=sys.stderr)
         return 2

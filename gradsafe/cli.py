@@ -1,7 +1,10 @@
 """The ``gradsafe`` command line: ``gradsafe demo``, ``gradsafe bench``, ``gradsafe plot``.
 
 A command whose optional dependency is missing prints one line naming the extra to install
-(``gradsafe demo needs scikit-learn: pip install "gradsafe[demo]"``) and exits with code 2.
+(``gradsafe demo needs scikit-learn: pip install "gradsafe[demo]"``) and exits with code 2;
+every other user error (a bad file, folder, device or value) is one line ``gradsafe
+<command>: <message>`` on stderr and exit code 2 as well. ``gradsafe --version`` prints the
+version.
 """
 
 from __future__ import annotations
@@ -9,12 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import __version__
 from ._optional import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: the process's arguments) and run the command; returns its exit code."""
     parser = argparse.ArgumentParser(prog="gradsafe", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"gradsafe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="the study: forgetting and safety erosion, plain AdamW vs gradsafe's methods")
@@ -36,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     plot.set_defaults(run=plot_mod.run)
 
     args = parser.parse_args(argv)
-    return run_command(args.run, args)
+    return run_command(args.run, args, args.command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -49,10 +49,66 @@ class JsonlSink:
         self.close()
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The rows a JsonlSink wrote."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(
+    path: str | os.PathLike[str],
+    *,
+    max_line_bytes: int = 1 << 20,
+    on_partial: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The rows a JsonlSink wrote: one JSON object per line, blank lines skipped.
+
+    Only a regular file is read (a directory, a device such as ``/dev/zero`` or a pipe raises
+    ``ValueError`` before anything is read), and no line may be longer than
+    ``max_line_bytes`` (1 MiB), so reading never hangs or grows without bound. A last line
+    cut by an interrupted run (no final newline, not valid JSON, after at least one complete
+    row) is dropped: every complete row is returned and ``on_partial(message)`` is called
+    (default: ``warnings.warn``). Any other line that is not UTF-8, not JSON or not a JSON
+    object raises ``ValueError`` naming the file and line; a missing file raises
+    ``FileNotFoundError``.
+    """
+    import stat as stat_mod
+    import warnings
+
+    name = os.fspath(path)
+    mode = os.stat(name).st_mode  # FileNotFoundError / PermissionError pass through
+    if not stat_mod.S_ISREG(mode):
+        kind = "a directory" if stat_mod.S_ISDIR(mode) else "not a regular file"
+        raise ValueError(f"{name} is {kind}; expected a JSONL file written by JsonlSink")
+    rows: list[dict[str, Any]] = []
+    with open(name, "rb") as f:
+        lineno = 0
+        while True:
+            raw = f.readline(max_line_bytes + 1)
+            if not raw:
+                break
+            lineno += 1
+            if len(raw) > max_line_bytes:
+                raise ValueError(f"{name}, line {lineno}: longer than {max_line_bytes} bytes; not a JsonlSink run")
+            complete = raw.endswith(b"\n")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+            if text is not None and not text.strip():
+                continue
+            try:
+                if text is None:
+                    raise ValueError("not UTF-8")
+                row = json.loads(text)
+            except ValueError as exc:
+                if not complete and rows:
+                    message = (f"{name}, line {lineno}: the last line is incomplete (an interrupted run?); "
+                               f"read the {len(rows)} complete rows before it")
+                    (on_partial or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)))(message)
+                    break
+                reason = "not UTF-8" if text is None else f"not JSON ({getattr(exc, 'msg', exc)})"
+                raise ValueError(f"{name}, line {lineno}: {reason}") from None
+            if not isinstance(row, dict):
+                kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(row), "number")
+                raise ValueError(f"{name}, line {lineno}: expected a JSON object, got a JSON {kind}")
+            rows.append(row)
+    return rows
+
 
 
 class TensorBoardSink:

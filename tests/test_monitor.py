@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 
 import pytest
 import torch
@@ -191,8 +192,41 @@ def test_jsonl_sink_and_plot(tmp_path):
     out = tmp_path / "fig.png"
     assert cli_main(["plot", str(path), "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError, match="no statistic"):
-        cli_main(["plot", str(path), "-o", str(out), "--stats", "nonsense"])
+    # a user error at the command line is exit code 2 and one line (tests/test_cli.py), not a traceback
+    assert cli_main(["plot", str(path), "-o", str(out), "--stats", "nonsense"]) == 2
+
+
+def test_read_jsonl_keeps_the_complete_rows_of_an_interrupted_run(tmp_path):
+    path = tmp_path / "run.jsonl"
+    with JsonlSink(path, mode="w") as sink:
+        for step in (1, 2, 3):
+            sink(step, {"gradsafe/old/cosine": 0.5})
+    with open(path, "a") as f:
+        f.write('{"step": 4, "gradsafe/ol')  # the write an interruption cut short
+    told: list[str] = []
+    rows = read_jsonl(path, on_partial=told.append)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert len(told) == 1 and "line 4" in told[0]
+    with pytest.warns(RuntimeWarning, match="incomplete"):
+        assert len(read_jsonl(path)) == 3
+
+
+def test_read_jsonl_refuses_what_is_not_a_jsonl_file(tmp_path):
+    with pytest.raises(ValueError, match="is a directory"):
+        read_jsonl(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"line 2: not JSON"):
+        read_jsonl(bad)
+    bad.write_text('[1, 2]\n')
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        read_jsonl(bad)
+    bad.write_text('{"step": 1}\n' + "x" * 100)
+    with pytest.raises(ValueError, match="longer than 64 bytes"):
+        read_jsonl(bad, max_line_bytes=64)
+    if os.path.exists("/dev/zero"):
+        with pytest.raises(ValueError, match="not a regular file"):
+            read_jsonl("/dev/zero")
 
 
 def test_tensorboard_sink_writes_scalars(tmp_path):

@@ -106,6 +106,21 @@ def test_run_command_prints_one_line(capsys):
     assert run_command(lambda args: 3, None) == 3
 
 
+def test_run_command_prints_a_user_error_as_one_line(capsys):
+    import argparse
+
+    from gradsafe._optional import UserError  # imported here: the rest of this file predates it
+
+    def bad(args):
+        raise UserError("run.jsonl, line 3:\nnot JSON")
+
+    assert run_command(bad, None, "plot") == 2
+    out = capsys.readouterr()
+    assert (out.err, out.out) == ("gradsafe plot: run.jsonl, line 3: not JSON\n", "")
+    assert run_command(bad, argparse.Namespace(command="demo")) == 2
+    assert capsys.readouterr().err.startswith("gradsafe demo: ")
+
+
 # ----------------------------------------------------------------------------- library imports and calls
 @pytest.mark.parametrize("module", ["gradsafe.experiments.plots", "gradsafe.experiments.study"])
 def test_importing_the_plots_without_matplotlib(monkeypatch, module):

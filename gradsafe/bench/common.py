@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 
+from .._optional import UserError
+
 __all__ = ["sync", "measure", "pick_device", "device_label", "emit"]
 
 
@@ -41,8 +43,31 @@ def measure(
 
 
 def pick_device(name: str | None) -> torch.device:
-    """``name`` (``"cpu"``, ``"cuda"``, ...), or CUDA when available, else the CPU."""
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """``name`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), or CUDA when available, else the CPU.
+
+    Raises ``UserError`` (one line at the command line) for a string torch does not know and
+    for a device this machine does not have ("CUDA is not available"), before any work.
+    """
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"--device {name}: not a device torch knows; expected cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available (this torch has no CUDA or sees no GPU)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {name}: MPS is not available")
+        return device
+    raise UserError(f"--device {name}: unsupported device type {device.type!r}; expected cpu, cuda or mps")
 
 
 def device_label(device: torch.device) -> str:

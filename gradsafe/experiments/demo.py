@@ -13,7 +13,7 @@ The methods (``methods.METHODS``) are AdamW alone (the baseline) and ProtectedOp
 configurations around the same AdamW, with the same protected data budget. Tables (mean ± std over seeds), the thesis
 test (the monitor's predicted protected-loss change against the measured change, both
 domains) and the acceptance verdicts are printed and written to ``--out`` as Markdown and
-JSON, with PNG plots.
+JSON (written as soon as the tables exist), then the PNG plots.
 
 It needs the ``[demo]`` extra (scikit-learn's digits, matplotlib, tqdm for the progress bar):
 ``run`` checks for it first and raises ``MissingDependency``, which the command line prints
@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-from .._optional import require_installed
+from .._optional import UserError, require_installed
 from .jobs import SCENARIOS, make_config
 from .methods import METHODS
 
-__all__ = ["add_arguments", "run", "parse_seeds", "check_dependencies"]
+__all__ = ["add_arguments", "run", "parse_seeds", "positive_int", "check_dependencies", "check_output_dir"]
 
 # the [demo] extra's modules the study needs: the digits file ships with scikit-learn; the plots
 DEMO_MODULES = ("sklearn", "matplotlib")
@@ -55,6 +54,37 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (else argparse's one-line usage error, exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def check_output_dir(out: str) -> None:
+    """Create ``out`` if needed and check that a file can be written in it; else ``UserError``.
+
+    Run before any work, so that a bad ``--out`` fails in a second, not after the study.
+    """
+    import tempfile
+
+    try:
+        os.makedirs(out, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"--out {out}: exists and is not a folder") from None
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+    try:
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write in the folder ({exc.strerror or exc})") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``gradsafe demo``."""
     parser.add_argument("--quick", action="store_true", help="reduced run: 1 seed, 4 methods, fewer steps (under a minute)")
@@ -66,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for results.md, results.json and the PNGs (default: results)")
     parser.add_argument("--methods", default=None, metavar="LIST",
                         help=f"comma-separated subset of {','.join(METHODS)} (plain is always run)")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=positive_int, default=min(2, os.cpu_count() or 1),
                         help="worker processes, one torch thread each (default: 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -80,7 +110,8 @@ def check_dependencies(progress: bool = True) -> None:
 def run(args: argparse.Namespace) -> int:
     """``gradsafe demo``: run the study, print the tables, write the results; returns 0.
 
-    Raises ``MissingDependency`` when the ``[demo]`` extra is not installed (before any work).
+    Raises ``MissingDependency`` when the ``[demo]`` extra is not installed, ``UserError`` for
+    bad options or an ``--out`` folder that cannot be created or written (all before any work).
     """
     t0 = time.perf_counter()
     progress = not getattr(args, "no_progress", False)
@@ -99,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
             workers=getattr(args, "workers", 2),
         )
     except ValueError as exc:
-        print(f"gradsafe demo: error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(str(exc)) from None
+    check_output_dir(args.out)
     agg = run_study(cfg, out_dir=args.out, progress=progress)
     if agg["paths"]:
         print("written: " + ", ".join(agg["paths"].values()))

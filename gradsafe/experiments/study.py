@@ -6,7 +6,7 @@ The parts, by job (none imports a later one):
 - ``stats``: correlations, the thesis test, ``aggregate`` (means over seeds, acceptance);
 - ``tables``: ``format_report``, the Markdown tables and verdicts;
 - ``plots``: the PNGs (matplotlib, the ``[demo]`` extra);
-- this module: ``write_outputs`` (JSON, Markdown, PNGs) and ``run_study``, and the public
+- this module: ``write_outputs`` (JSON and Markdown first, then the PNGs) and ``run_study``, and the public
   names of the others.
 """
 
@@ -40,6 +40,8 @@ __all__ = [
     "thesis_stats",
     "format_report",
     "write_outputs",
+    "write_tables",
+    "write_plots",
     "run_study",
 ]
 
@@ -60,13 +62,29 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def write_outputs(agg: dict[str, Any], out_dir: str, report: str) -> dict[str, str]:
-    """``results.json``, ``results.md`` and the PNGs in ``out_dir``; returns name -> path."""
+def write_tables(agg: dict[str, Any], out_dir: str, report: str) -> dict[str, str]:
+    """``results.json`` and ``results.md`` (the report, no plots yet) in ``out_dir``; returns name -> path."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md")}
     with open(paths["json"], "w") as f:
         json.dump(_clean(agg), f, indent=1)
         f.write("\n")
+    _write_markdown(paths, report)
+    return paths
+
+
+def _write_markdown(paths: dict[str, str], report: str) -> None:
+    """``results.md``: the report, then a link to each PNG in ``paths``."""
+    with open(paths["markdown"], "w") as f:
+        f.write("# gradsafe study results\n\n")
+        f.write(report)
+        for key, path in paths.items():
+            if key.endswith("_png"):
+                f.write(f"\n![{key[:-4]}]({os.path.basename(path)})\n")
+
+
+def write_plots(agg: dict[str, Any], out_dir: str, report: str, paths: dict[str, str]) -> dict[str, str]:
+    """The PNGs in ``out_dir``, added to ``paths``; ``results.md`` is rewritten with their links."""
     methods = list(agg["meta"]["methods"])
     if "continual" in agg:
         c = agg["continual"]
@@ -95,18 +113,26 @@ def write_outputs(agg: dict[str, Any], out_dir: str, report: str) -> dict[str, s
         refresh = os.path.join(out_dir, "refresh.png")
         if plot_refresh(refresh, agg):
             paths["refresh_png"] = refresh
-    with open(paths["markdown"], "w") as f:
-        f.write("# gradsafe study results\n\n")
-        f.write(report)
-        for key, path in paths.items():
-            if key.endswith("_png"):
-                f.write(f"\n![{key[:-4]}]({os.path.basename(path)})\n")
+    _write_markdown(paths, report)
     return paths
+
+
+def write_outputs(agg: dict[str, Any], out_dir: str, report: str) -> dict[str, str]:
+    """``results.json`` and ``results.md`` first, then the PNGs, in ``out_dir``; returns name -> path.
+
+    The tables are on disk before any plot is drawn, so a failing plot loses no numbers.
+    """
+    return write_plots(agg, out_dir, report, write_tables(agg, out_dir, report))
 
 
 def run_study(cfg: StudyConfig, out_dir: str | None = "results", progress: bool = False,
               printer: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Run, aggregate, print and write; returns the aggregated results (with ``paths``)."""
+    """Run, aggregate, print and write; returns the aggregated results (with ``paths``).
+
+    ``out_dir`` is created before the first job runs (an ``OSError`` then, not after the study).
+    """
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     results = execute(cfg, progress=progress)
     wall = time.perf_counter() - t0
