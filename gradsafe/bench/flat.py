@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._optional import require
+from .._optional import UserError, require
 from ..backends import get_backend, triton_available
 from ..backends.triton_backend import TritonBackend
 from ..memory import Memory, pack_rows
@@ -394,8 +394,7 @@ def run_flat(args: argparse.Namespace) -> int:
     rank = args.rank if args.rank is not None else 8
     if args.sweep:
         if device.type != "cuda":
-            print("gradsafe bench --sweep measures the Triton kernels against the memory floor: it needs a CUDA device")
-            return 2
+            raise UserError("--sweep measures the Triton kernels against the memory floor: it needs a CUDA device")
         require("triton", "triton", "gradsafe bench --sweep")
         kw = dict(ks=args.ks, tensor_counts=args.tensor_counts, rounds=args.rounds or 10)
         if args.quick:
