@@ -327,16 +327,16 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             record = self._backend.run(plan, tensors)
             if step_base:
                 if self.nonfinite != "pass" and not record.is_finite():
-                    return self._stop_nonfinite(record, plan)
+                    bad = self._recorder.count_nonfinite(record, plan, self.gradsafe_steps + 1, self.nonfinite)
+                    return self._stop_nonfinite(bad)
                 self.base_optimizer.step()
         else:
-            if self.nonfinite != "pass":
+            if self.nonfinite != "pass" and grads:
                 # the base step comes first in this space: look at the gradients before it
-                norms = torch.stack([g.detach().float().norm() for g in grads]) if grads else None
-                if norms is not None and not bool(torch.isfinite(norms).all()):
-                    coefs = np.full(plan.coef_numel, np.nan)
-                    coefs[plan.norms_offset : plan.norms_offset + plan.num_tensors] = norms.double().cpu().numpy() ** 2
-                    return self._stop_nonfinite(StepRecord(coefs=coefs, weights=None, finite=False), plan)
+                hh = torch.stack([g.detach().float().norm() for g in grads]).double().cpu().numpy() ** 2
+                if not np.isfinite(hh).all():
+                    bad = self._recorder.note_nonfinite(hh, plan, self.gradsafe_steps + 1, self.nonfinite)
+                    return self._stop_nonfinite(bad)
             before = [p.detach().clone() for p in covered]
             self.base_optimizer.step()
             # the surgery acts on u = theta_before - theta_after, the "gradient-like" direction
@@ -347,9 +347,9 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         return plan, record, tensors
 
     @torch.compiler.disable
-    def _stop_nonfinite(self, record: StepRecord, plan: Plan) -> None:
-        """``nonfinite="skip"`` / ``"raise"``: count the step, then skip it or raise."""
-        bad = self._recorder.count_nonfinite(record, plan, self.gradsafe_steps + 1, self.nonfinite)
+    def _stop_nonfinite(self, bad: list[int]) -> None:
+        """``nonfinite="skip"`` / ``"raise"`` on a counted non-finite step (``bad``: its
+        parameters with a non-finite gradient): skip it, or raise."""
         if self.nonfinite == "raise":
             raise FloatingPointError(
                 f"gradsafe: the gradient of parameter(s) {bad or '(a sum overflowed)'} is not finite at step "

@@ -79,9 +79,13 @@ class Recorder:
             return []
         if bool(flag):
             return []
-        self._nonfinite += 1
         coefs = record.host()[0]
-        hh = coefs[plan.norms_offset : plan.norms_offset + plan.num_tensors]
+        return self.note_nonfinite(coefs[plan.norms_offset : plan.norms_offset + plan.num_tensors], plan, step, policy)
+
+    def note_nonfinite(self, hh: np.ndarray, plan: Plan, step: int, policy: str) -> list[int]:
+        """Count a non-finite step whose tensors' squared norms are ``hh`` (per plan position),
+        warn the first time; returns the parameter indices whose norm is not finite."""
+        self._nonfinite += 1
         bad = [plan.param_indices[p] for p in np.flatnonzero(~np.isfinite(hh))]
         self._warn_nonfinite(f"at step {step} the gradient of parameter(s) {bad or '(a sum overflowed)'} is not finite", policy)
         return bad

@@ -51,9 +51,6 @@ class ObjectiveRegistry:
         with self._lock:
             return dict(self.objectives)
 
-    def __len__(self) -> int:
-        return len(self.objectives)
-
     def __iter__(self) -> Iterator[ProtectedObjective]:
         return iter(self.objectives.values())
 
@@ -84,8 +81,6 @@ class ObjectiveRegistry:
         bases: Any = None,
     ) -> ProtectedObjective:
         """Build an objective's memory from samples, a closure's gradient or given bases, and add it."""
-        if name in self.objectives:
-            raise ValueError(f"an objective named {name!r} is already protected; unprotect it first")
         loss = None
         samples = None
         if closure is not None:

@@ -19,13 +19,20 @@ _REL_ZERO = 1e-6
 _OVERSAMPLE = 8
 
 
-def orthogonality_error(U: torch.Tensor) -> float:
-    """``max |U U^T - I|`` (0 for an empty basis)."""
-    if U.shape[0] == 0:
+def orthogonality_error(U: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """``max |U U^T - I|`` (0 for an empty basis).
+
+    The Gram matrix is summed in float64 over column chunks of ``chunk`` entries, so that a
+    large basis is never copied whole to float64.
+    """
+    k = U.shape[0]
+    if k == 0:
         return 0.0
-    U64 = U.double()
-    gram = U64 @ U64.T
-    return float((gram - torch.eye(U.shape[0], dtype=torch.float64, device=U.device)).abs().max())
+    gram = torch.zeros(k, k, dtype=torch.float64, device=U.device)
+    for start in range(0, U.shape[1], chunk):
+        part = U[:, start : start + chunk].double()
+        gram += part @ part.T
+    return float((gram - torch.eye(k, dtype=torch.float64, device=U.device)).abs().max())
 
 
 def cgs2(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -410,21 +410,8 @@ def _finite(t: torch.Tensor | None, name: str, field: str, nonnegative: bool = F
         raise _fail(name, field, f"has negative entries (min {float(t.min()):.3g}); it must be >= 0")
 
 
-def _orthogonality_error(rows: torch.Tensor, chunk: int = 1 << 20) -> float:
-    """``max |U U^T - I|`` as ``gradsafe.subspace.orthogonality_error``, its Gram summed in
-    float64 over column chunks (no float64 copy of a large basis)."""
-    if rows.shape[0] == 0 or rows.shape[1] <= chunk:
-        return orthogonality_error(rows)
-    k = rows.shape[0]
-    gram = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
-    for start in range(0, rows.shape[1], chunk):
-        part = rows[:, start : start + chunk].double()
-        gram += part @ part.T
-    return float((gram - torch.eye(k, dtype=torch.float64, device=rows.device)).abs().max())
-
-
 def _orthonormal(rows: torch.Tensor, name: str, field: str, where: str = "") -> None:
-    err = _orthogonality_error(rows)
+    err = orthogonality_error(rows)
     if not err <= ORTHONORMAL_TOL:
         raise _fail(name, field, f"is not orthonormal{where}: max |U U^T - I| = {err:.3g} "
                     f"(tolerance {ORTHONORMAL_TOL:g})")

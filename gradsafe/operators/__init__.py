@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from .base import Operator, RowSpan, RuleRows
 from .conflict import ConflictProjection
-from .damping import FisherDamping
 from .observe import Observe
 from .projection import OrthogonalProjection
 from .scaled import ScaledProjection
@@ -36,7 +35,6 @@ __all__ = [
     "OrthogonalProjection",
     "ScaledProjection",
     "ConflictProjection",
-    "FisherDamping",
 ]
 
 OPERATORS: tuple[Operator, ...] = (

@@ -20,19 +20,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["FisherDamping", "merge_fisher", "normalized", "keeps_fisher", "damping_factors"]
+__all__ = ["merge_fisher", "normalized", "keeps_fisher", "damping_factors"]
 
 _EPS = 1e-30
-
-
-class FisherDamping:
-    """The damping operator: it acts when ``config.damping > 0``, with any mode."""
-
-    title = "Fisher damping (a preconditioner, not EWC)"
-
-    @staticmethod
-    def selects(damping: float) -> bool:
-        return damping > 0
 
 
 def keeps_fisher(scope: str, damping: float) -> bool:
