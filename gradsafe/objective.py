@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from .operators.damping import keeps_fisher, normalized
 from .options import ObjectiveConfig
 from .refresh import STATE_KEYS as REFRESH_KEYS
 from .refresh import RefreshState
-from .sharding import ShardSpec
+from .sharding import ShardSpec, local
 
 __all__ = ["ProtectedObjective"]
 
@@ -62,6 +62,9 @@ class ProtectedObjective:
         self.num_refreshes = 0
         self.version = 0
         self.schedule = RefreshState()
+        # EWC's anchor theta*: per covered tensor (this rank's part when sharded), in the
+        # parameter's own dtype; None unless the objective has an EWC penalty
+        self.anchor: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ layout
     @property
@@ -103,7 +106,7 @@ class ProtectedObjective:
 
     @property
     def keeps_fisher(self) -> bool:
-        return keeps_fisher(self.config.scope, self.config.damping)
+        return keeps_fisher(self.config.scope, self.config.damping, self.config.ewc)
 
     def slices(self) -> list[slice]:
         """Each covered tensor's columns in packed samples (and in a whole Fisher)."""
@@ -206,9 +209,25 @@ class ProtectedObjective:
         self.replace_memory(self._merged(S, fresh=True))
         self.num_refreshes += 1
 
-    def _merged(self, S: torch.Tensor, fresh: bool) -> mem.Memory:
+    def consolidate(self, S: torch.Tensor, anchor: list[torch.Tensor]) -> None:
+        """Online EWC: merge a new task's samples ``S`` (basis union, references), make the
+        Fisher ``ewc_gamma F_old + F_new`` and move the anchor to ``anchor``."""
+        gamma = float(self.config.ewc_gamma)
+        self.replace_memory(self._merged(S, fresh=False, consolidate_gamma=gamma))
+        self.anchor = anchor
+
+    def set_fisher(self, fisher: torch.Tensor) -> None:
+        """Give the EWC penalty its Fisher diagonal (packed (N,), whole); merges then keep it."""
+        if fisher.shape != (self.numel,):
+            raise ValueError(f"objective {self.name!r}: fisher_diagonal must pack to ({self.numel},), got {tuple(fisher.shape)}")
+        if not bool(torch.isfinite(fisher).all()) or bool((fisher < 0).any()):
+            raise ValueError(f"objective {self.name!r}: fisher_diagonal must be finite and >= 0")
+        self.replace_memory(replace(self.memory, fisher=fisher.to(torch.float32).contiguous(), fisher_fixed=True))
+
+    def _merged(self, S: torch.Tensor, fresh: bool, consolidate_gamma: float | None = None) -> mem.Memory:
         mem.check_packed(S, self.numel, self.name)
-        return mem.merge(self.memory, self.layout, self.config, S, fresh=fresh, param_bytes=self.param_bytes, name=self.name)
+        return mem.merge(self.memory, self.layout, self.config, S, fresh=fresh, param_bytes=self.param_bytes,
+                         name=self.name, consolidate_gamma=consolidate_gamma)
 
     def set_bases(self, factors: dict[int, FactorMemory]) -> None:
         """Start a factored objective from given bases (``t`` = index in the coverage), no samples."""
@@ -237,7 +256,14 @@ class ProtectedObjective:
             "had_closure": self.closure is not None,
             **asdict(self.schedule),
             "param_bytes": self.param_bytes,
+            "anchor": None if self.anchor is None else self._anchor_state(),
         }
+
+    def _anchor_state(self) -> list[Any]:
+        spec = self.memory.shard
+        if spec is None:
+            return list(self.anchor)
+        return [spec.dtensor(a, 0, shape) for a, shape in zip(self.anchor, self.shapes)]
 
     @classmethod
     def from_state_dict(
@@ -261,7 +287,7 @@ class ProtectedObjective:
         for key in required:
             if key not in state:
                 raise StateDictError(f"objective {name!r}: missing field {key!r}")
-        unknown = sorted(set(state) - {*required, *MEMORY_OPTIONAL_KEYS, "param_bytes"})
+        unknown = sorted(set(state) - {*required, *MEMORY_OPTIONAL_KEYS, "param_bytes", "anchor"})
         if unknown:
             raise StateDictError(f"objective {name!r}: unknown fields {unknown}")
         saved_config = state["config"]
@@ -291,6 +317,7 @@ class ProtectedObjective:
         obj.had_closure = state["had_closure"]
         obj.schedule = RefreshState.from_state(state)
         obj.param_bytes = param_bytes
+        obj.anchor = _check_anchor(state.get("anchor"), obj, memory.shard, device)
         obj.version = 1
         return obj
 
@@ -301,3 +328,26 @@ class ProtectedObjective:
             f"basis_rows={0 if self.basis is None else self.basis.shape[0]}, "
             f"tensors={len(self.coverage)}, entries={self.numel}, samples={self.num_samples})"
         )
+
+
+def _check_anchor(saved: Any, obj: ProtectedObjective, shard: ShardSpec | None, device: torch.device | None) -> list[torch.Tensor] | None:
+    """The saved EWC anchor, validated against the objective's layout (copies on ``device``)."""
+    name = obj.name
+    if saved is None:
+        if obj.config.ewc > 0:
+            raise StateDictError(f"objective {name!r}: field 'anchor' is None, but the objective has an EWC penalty (ewc={obj.config.ewc})")
+        return None
+    if isinstance(saved, (str, bytes)) or not isinstance(saved, Sequence) or len(saved) != len(obj.shapes):
+        raise StateDictError(f"objective {name!r}: field 'anchor' must be a list of {len(obj.shapes)} tensors (one per covered tensor)")
+    out = []
+    for t, (a, shape) in enumerate(zip(saved, obj.shapes)):
+        if not isinstance(a, torch.Tensor):
+            raise StateDictError(f"objective {name!r}: field 'anchor' entry {t} must be a tensor, got {type(a).__name__}")
+        a = local(a)
+        want = tuple(shape) if shard is None else (shard.rows(t)[1], *shape[1:])
+        if tuple(a.shape) != want:
+            raise StateDictError(f"objective {name!r}: field 'anchor' entry {t} has shape {tuple(a.shape)}, expected {want}")
+        if not bool(torch.isfinite(a).all()):
+            raise StateDictError(f"objective {name!r}: field 'anchor' entry {t} holds inf or nan")
+        out.append(a.detach().to(device=device if device is not None else a.device).clone())
+    return out

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
+from .additive import add_alignment_terms, add_penalty_gradients, has_alignment_terms, has_penalties
 from .backends import Backend, StepRecord, get_backend
 from .memory import MemoryReport, memory_rows
 from .objective import ProtectedObjective
@@ -210,6 +211,8 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         *,
         closure: Closure | None = None,
         bases: Any = None,
+        anchor: Any = None,
+        fisher_diagonal: Any = None,
         **options: Any,
     ) -> ProtectedObjective:
         """Register a protected objective from gradient samples or from a closure.
@@ -220,7 +223,12 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         loss leaves the first-order prediction). ``bases``: factored bases given up front
         (``gradsafe.collect_activation_bases``: GPM's representation bases; the scope is then
         "factored"); with them, samples or a closure are optional and give the references,
-        the Fisher and the 1-D tensors' bases. ``options``: fields of ``ObjectiveConfig``;
+        the Fisher and the 1-D tensors' bases. ``anchor`` (EWC's ``theta*``, default: the
+        parameters now) and ``fisher_diagonal`` (EWC's ``F``, e.g. from
+        ``gradsafe.fisher_diagonal``; default: the mean of the squared samples) are
+        sequences aligned with the parameters like a sample; with ``ewc > 0`` and
+        ``fisher="identity"`` or a ``fisher_diagonal``, ``mode="observe"`` needs no samples
+        (L2-SP, EWC from a precomputed Fisher). ``options``: fields of ``ObjectiveConfig``;
         unset (or None) ones take the wrapper's defaults.
         """
         if not isinstance(name, str):
@@ -231,8 +239,6 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"an objective named {name!r} is already protected; unprotect it first")
         if grads is not None and closure is not None:
             raise ValueError(f"give either grads or closure for {name!r}, not both")
-        if grads is None and closure is None and bases is None:
-            raise ValueError(f"objective {name!r} needs gradient samples, a closure or bases")
         if closure is not None and not callable(closure):
             raise TypeError(f"closure for {name!r} must be callable")
         if bases is not None:
@@ -242,7 +248,8 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             options = {**options, "scope": "factored"}
         config = with_overrides(self.default_config, options, "protect()")
         return self._registry.register(
-            name, config, self._params(), self.gradsafe_steps, grads=grads, closure=closure, bases=bases
+            name, config, self._params(), self.gradsafe_steps, grads=grads, closure=closure, bases=bases,
+            anchor=anchor, fisher_diagonal=fisher_diagonal,
         )
 
     def unprotect(self, name: str) -> ProtectedObjective:
@@ -252,6 +259,16 @@ class ProtectedOptimizer(torch.optim.Optimizer):
     def add_samples(self, name: str, grads: Any) -> None:
         """Merge new gradient samples into an objective's memory (basis union, online Fisher)."""
         self._registry.add_samples(name, grads, self._params())
+
+    def consolidate(self, name: str, grads: Any) -> None:
+        """Online EWC (Schwarz et al. 2018): consolidate a new task into objective ``name``.
+
+        ``grads``: the new task's gradient samples (as for ``add_samples``). The objective's
+        Fisher becomes ``ewc_gamma F_old + F_new`` (``F_new``: the mean of the new samples'
+        squares), its anchor moves to the current parameters, and the samples join its
+        basis and references. The objective needs ``ewc > 0``.
+        """
+        self._registry.consolidate(name, grads, self._params())
 
     def attach_closure(self, name: str, closure: Closure) -> None:
         """Give an objective (e.g. one restored by ``load_state_dict``) its closure back."""
@@ -297,7 +314,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         """
         objectives = self._registry.objectives
         self._recorder.count_nonfinite(record, plan, self.gradsafe_steps + 1, self.nonfinite)
-        if self._recorder.book(plan, record, tensors, self._step_scale(plan), objectives):
+        if self._recorder.book(plan, record, tensors, self._step_scale(plan), objectives, self.space == "grad"):
             self.gradsafe_steps += 1
             self._recorder.emit(self.gradsafe_steps, objectives)
 
@@ -311,6 +328,11 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         # parameters without a gradient are not stepped by the base optimizer: leave them
         # out of the surgery too (in both spaces)
         active = frozenset(i for i, p in enumerate(params) if p.grad is not None)
+        objectives = list(self._registry)
+        # EWC: the penalty's gradient joins the gradient before any surgery (both spaces)
+        penalties = add_penalty_gradients(objectives, params, active) if has_penalties(objectives) else {}
+        self._recorder.note_penalties(penalties)
+        align = has_alignment_terms(objectives)
         plan = self._registry.current_plan(params, active)
         covered = [params[i] for i in plan.param_indices]
         for i, p in zip(plan.param_indices, covered):
@@ -325,6 +347,8 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         if self.space == "grad" or not step_base:
             tensors = grads
             record = self._backend.run(plan, tensors)
+            if align:  # SafeGrad's rho r, after the surgery
+                add_alignment_terms(objectives, params, active)
             if step_base:
                 if self.nonfinite != "pass" and not record.is_finite():
                     bad = self._recorder.count_nonfinite(record, plan, self.gradsafe_steps + 1, self.nonfinite)
@@ -337,13 +361,17 @@ class ProtectedOptimizer(torch.optim.Optimizer):
                 if not np.isfinite(hh).all():
                     bad = self._recorder.note_nonfinite(hh, plan, self.gradsafe_steps + 1, self.nonfinite)
                     return self._stop_nonfinite(bad)
+            if align:  # in this space rho r joins the gradient the base step reads
+                add_alignment_terms(objectives, params, active)
             before = [p.detach().clone() for p in covered]
             self.base_optimizer.step()
-            # the surgery acts on u = theta_before - theta_after, the "gradient-like" direction
-            tensors = [b.to(torch.float32) - p.detach().to(torch.float32) for b, p in zip(before, covered)]
+            # the surgery acts on u = theta_before - theta_after, the "gradient-like" direction,
+            # in the parameter's own precision (float32 for lower-precision parameters)
+            work = [_work_dtype(p.dtype) for p in covered]
+            tensors = [b.to(w) - p.detach().to(w) for b, p, w in zip(before, covered, work)]
             record = self._backend.run(plan, tensors)
-            for p, b, u in zip(covered, before, tensors):
-                p.copy_(b.to(torch.float32) - u)
+            for p, b, u, w in zip(covered, before, tensors, work):
+                p.copy_(b.to(w) - u)
         return plan, record, tensors
 
     @torch.compiler.disable
@@ -530,6 +558,11 @@ def _check_steps_from_grad(base: torch.optim.Optimizer) -> None:
             "and gradsafe's surgery cannot act inside such a step: use an optimizer that steps from .grad "
             "(SGD, Adam, AdamW, ...)"
         )
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision the update-space surgery works in: the parameter's own, float32 at least."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _check_grad(g: torch.Tensor, index: int) -> torch.Tensor:

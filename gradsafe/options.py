@@ -12,7 +12,7 @@ import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 from .operators import Operator, operator_for
 
@@ -22,6 +22,7 @@ __all__ = [
     "SCOPES",
     "REFERENCES",
     "SIDES",
+    "FISHER_KINDS",
     "OPTION_NAMES",
     "config_from",
     "with_overrides",
@@ -32,11 +33,14 @@ Mode = Literal["project", "conflict", "observe"]
 Scope = Literal["global", "tensor", "factored"]
 References = Literal["mean", "samples"]
 Sides = Literal["both", "left", "right"]
+FisherKind = Literal["samples", "identity"]
+Importance = Optional[Literal["sgp"]]
 
 MODES: tuple[str, ...] = typing.get_args(Mode)
 SCOPES: tuple[str, ...] = typing.get_args(Scope)
 REFERENCES: tuple[str, ...] = typing.get_args(References)
 SIDES: tuple[str, ...] = typing.get_args(Sides)
+FISHER_KINDS: tuple[str, ...] = typing.get_args(FisherKind)
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -48,10 +52,10 @@ class ObjectiveConfig:
     """How an objective is protected. Validated on construction."""
 
     mode: Mode = field(default="project", metadata=_doc(
-        "`project`: remove the gradient's component in the protected subspace (OGD/GPM; SGP-like with "
-        "`strength` < 1); `conflict`: keep `<g, r> >= 0` for the references (A-GEM; GEM with "
-        "`references='samples'`; SafeGrad with a closure refreshed every step); `observe`: surgery off, "
-        "monitor on"))
+        "`project`: remove the gradient's component in the protected subspace (OGD/GPM; a scaled projection "
+        "with `strength` < 1; SGP with `importance='sgp'`); `conflict`: keep `<g, r> >= 0` for the references "
+        "(A-GEM; GEM with `references='samples'`; SafeGrad with a closure refreshed every step and `rho`); "
+        "`observe`: surgery off, monitor on (with `ewc` > 0: plain EWC)"))
     rank: int = field(default=16, metadata=_doc(
         "most basis directions kept (per tensor with `scope='tensor'`, per side and matrix with "
         "`'factored'`); also the number of samples kept with `references='samples'`"))
@@ -59,9 +63,26 @@ class ObjectiveConfig:
         "`global`: one basis over all covered parameters; `tensor`: one per parameter; `factored`: "
         "left/right bases per weight matrix (1-D parameters per tensor)"))
     strength: float = field(default=1.0, metadata=_doc(
-        "fraction of the protected component removed, in [0, 1] (`project` only)"))
+        "fraction of the protected component removed, in [0, 1] (`project` only), the same for every direction"))
+    importance: Importance = field(default=None, metadata=_doc(
+        "`'sgp'`: scale each basis direction by SGP's importance `(scale + 1) sigma_i / (scale sigma_i + sigma_max)` "
+        "(`project`, scopes `global` / `tensor`); None: `strength` for every direction"))
+    scale: float = field(default=1.0, metadata=_doc(
+        "SGP's `alpha` in the importance above, > 0 (`importance='sgp'` only)"))
+    ewc: float = field(default=0.0, metadata=_doc(
+        "EWC: add the gradient of `ewc/2 sum F (theta - theta*)^2` (anchor `theta*`: the parameters at "
+        "registration) before any surgery, >= 0, any mode"))
+    fisher: FisherKind = field(default="samples", metadata=_doc(
+        "the EWC penalty's `F`: `samples` (mean of the squared gradient samples, or `fisher_diagonal=` given to "
+        "`protect`), `identity` (`F = 1`: L2-SP)"))
+    ewc_gamma: float = field(default=1.0, metadata=_doc(
+        "online EWC: `consolidate` makes the Fisher `ewc_gamma F_old + F_new`, in [0, 1]"))
+    rho: float = field(default=0.0, metadata=_doc(
+        "after the surgery, add `rho r` (r: the mean reference, the protected loss's gradient) to the step's "
+        "gradient (SafeGrad's `rho`), >= 0, any mode"))
     damping: float = field(default=0.0, metadata=_doc(
-        "Fisher damping `g / (1 + damping F_hat)` (a preconditioner, not EWC), >= 0, any mode"))
+        "Fisher damping `g / (1 + damping F_hat)`, a preconditioner at the current point (not EWC: no anchor), "
+        ">= 0, any mode"))
     references: References = field(default="mean", metadata=_doc(
         "conflict references: `mean` (one, A-GEM) or `samples` (the last `rank` samples, GEM)"))
     refresh_every: Union[int, Literal["auto"], None] = field(default=None, metadata=_doc(
@@ -88,8 +109,18 @@ class ObjectiveConfig:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if not (isinstance(self.strength, (int, float)) and 0.0 <= self.strength <= 1.0):
             raise ValueError(f"strength must be a number in [0, 1], got {self.strength!r}")
-        if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping >= 0):
-            raise ValueError(f"damping must be a finite number >= 0, got {self.damping!r}")
+        for name in ("damping", "ewc", "rho"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.fisher not in FISHER_KINDS:
+            raise ValueError(f"unknown fisher {self.fisher!r}; expected one of {FISHER_KINDS}")
+        if isinstance(self.ewc_gamma, bool) or not (isinstance(self.ewc_gamma, (int, float)) and 0.0 <= self.ewc_gamma <= 1.0):
+            raise ValueError(f"ewc_gamma must be a number in [0, 1], got {self.ewc_gamma!r}")
+        if self.importance not in (None, "sgp"):
+            raise ValueError(f"unknown importance {self.importance!r}; expected None or 'sgp'")
+        if isinstance(self.scale, bool) or not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {self.scale!r}")
         if self.refresh_every is not None and self.refresh_every != "auto":
             if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int):
                 raise TypeError(f"refresh_every must be an int, 'auto' or None, got {self.refresh_every!r}")

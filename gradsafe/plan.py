@@ -22,6 +22,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from .factored import NUM_STATS, FactorOp, FactorStat, side_kinv
@@ -62,7 +63,7 @@ class Block:
     slices: list[slice | None]  # each covered tensor's columns in ``rows`` (None: a matrix)
     coef_offset: int  # start of this block's (T_b, r_b) matrix in the flat coefficients
     acts: bool  # whether the rule gives it non-zero weights
-    penalty: float = 0.0  # on the basis columns (0: hard)
+    penalty: "float | np.ndarray" = 0.0  # on the basis columns (0: hard); per row (k,) or per tensor and row (T, k)
     basis: tuple[int, ...] = ()  # rows that are basis columns of the rule
     constraint: tuple[int, ...] = ()  # rows that are conflict constraints
     live_rows: slice = field(default_factory=lambda: slice(0, 0))  # the contiguous rows that can get non-zero weights
@@ -71,6 +72,7 @@ class Block:
     n_stats: int = 0  # "stats" blocks: coefficients per tensor
     factors: list | None = None  # stats blocks: per tensor its FactorMemory
     factor_strength: float | None = None  # stats blocks: the factored operator's strength (None: it measures)
+    rho: float = 0.0  # SafeGrad's weight: rho times the mean reference joins the step after the surgery
 
     @property
     def num_rows(self) -> int:
@@ -164,6 +166,9 @@ def build_plan(
     An objective none of whose parameters is active gets no block.
     """
     active = set(range(len(params))) if active is None else set(active)
+    # an objective with no memory (an EWC penalty alone) has no part in the surgery
+    versions = tuple(o.version for o in objectives)
+    objectives = [o for o in objectives if o.memory.storage is not None or o.memory.factors]
     covered = sorted({i for o in objectives for i in o.coverage if i in active})
     pos_of = {i: p for p, i in enumerate(covered)}
     devices = {params[i].device for i in covered}
@@ -188,11 +193,13 @@ def build_plan(
         op = cfg.operator
         span = obj.row_span()
         rows = obj.memory.storage[span.start : span.stop]
-        rule_rows = op.rule_rows(cfg, span)
-        flat = [(pos_of[obj.coverage[t]], sl) for t, sl in zip(obj.flat_index, obj.flat_slices()) if obj.coverage[t] in active]
+        in_step = [j for j, t in enumerate(obj.flat_index) if obj.coverage[t] in active]
+        flat_slices = obj.flat_slices()
+        flat = [(pos_of[obj.coverage[obj.flat_index[j]]], flat_slices[j]) for j in in_step]
+        rule_rows = op.rule_rows(cfg, span, _step_energies(obj.memory.energies, in_step))
         mats = [(pos_of[obj.coverage[t]], t) for t in sorted(obj.factors) if obj.coverage[t] in active]
         base = dict(name=obj.name, mode=cfg.mode, n_basis=span.n_basis, n_mean=span.n_mean, n_refs=span.n_refs,
-                    coef_offset=0)
+                    coef_offset=0, rho=float(cfg.rho))
         ruled = dict(acts=rule_rows.acts, penalty=rule_rows.penalty, basis=rule_rows.basis_rows,
                      constraint=rule_rows.constraint_rows, live_rows=rule_rows.apply_rows)
         if cfg.scope == "factored" and rule_rows.constraint_rows:
@@ -234,9 +241,17 @@ def build_plan(
         norms_offset=norms_offset,
         rule=rule,
         device=device,
-        versions=tuple(o.version for o in objectives),
+        versions=versions,
         active=frozenset(active),
     )
+
+
+def _step_energies(energies: torch.Tensor | None, in_step: list[int]) -> "np.ndarray | None":
+    """The basis's singular values on the host: ``(k,)``, or per tensor of the step ``(T, k)``."""
+    if energies is None:
+        return None
+    e = energies.detach().cpu().numpy()
+    return e[in_step] if e.ndim == 2 else e
 
 
 def _factor_ops(blocks: list[Block], num_positions: int, norms_offset: int, shard: ShardSpec | None) -> list[FactorOp]:

@@ -46,6 +46,8 @@ class _LastStep:
     record: StepRecord
     step_scale: np.ndarray
     fisher_step: dict[str, torch.Tensor]
+    penalties: dict[str, torch.Tensor]
+    alignment_after: bool
 
 
 class Recorder:
@@ -60,6 +62,11 @@ class Recorder:
         self._nonfinite = 0  # steps with a non-finite gradient, seen on the host
         self._nonfinite_device: torch.Tensor | None = None  # ... and decided on a device
         self._warned_nonfinite = False
+        self._penalties: dict[str, torch.Tensor] = {}
+
+    def note_penalties(self, penalties: dict[str, torch.Tensor]) -> None:
+        """The EWC penalties of the step about to be booked (0-d device tensors, by objective)."""
+        self._penalties = penalties
 
     def clear(self) -> None:
         self._last = None
@@ -112,16 +119,19 @@ class Recorder:
         tensors: list[torch.Tensor] | None,
         step_scale: np.ndarray,
         objectives: Mapping[str, ProtectedObjective],
+        alignment_after: bool = True,
     ) -> bool:
-        """Book a finished step; False if it is not a real step.
+        """Book a finished step; False if it is not a real step. ``alignment_after``: SafeGrad
+        terms were added after the surgery (space "grad").
 
         A step whose covered gradients were all exactly zero (the fake step with which
         torch.distributed.checkpoint materialises state) is not booked.
         """
-        if isinstance(record.coefs, np.ndarray) and not record.coefs[plan.norms_offset :].any():
+        if plan.num_tensors and isinstance(record.coefs, np.ndarray) and not record.coefs[plan.norms_offset :].any():
             return False
         fisher_step = self._fisher_step(plan, tensors, step_scale, objectives) if tensors is not None else {}
-        self._last = _LastStep(plan, record, step_scale, fisher_step)
+        self._last = _LastStep(plan, record, step_scale, fisher_step, self._penalties, alignment_after)
+        self._penalties = {}
         self._cache = None
         if any(o.had_closure for o in objectives.values()) and record.is_finite():
             for name, stats in self.report(objectives).items():
@@ -166,13 +176,16 @@ class Recorder:
         if self._cache is None:
             last = self._last
             coefs, weights = last.record.host()
-            report = step_report(last.plan, coefs, weights, last.step_scale, per_tensor=self.per_tensor)
+            report = step_report(last.plan, coefs, weights, last.step_scale, per_tensor=self.per_tensor,
+                                 alignment_after=last.alignment_after)
             for name, stats in report.items():
                 obj = objectives.get(name)
                 if obj is not None and obj.schedule.staleness is not None:
                     stats["staleness"] = float(obj.schedule.staleness)
                 if name in last.fisher_step:
                     stats["fisher_step"] = float(last.fisher_step[name])
+            for name, penalty in last.penalties.items():  # an EWC penalty alone has no block
+                report.setdefault(name, {})["ewc_penalty"] = float(penalty)
             self._cache = Report(report)
         self._cache._known = tuple(objectives)  # objectives protected since the step have no entry yet
         count = self.nonfinite_count()

@@ -4,7 +4,7 @@ compiled from them (cached until an objective's memory or the parameters change)
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from .plan import Plan, build_plan
 from .refresh import closure_gradient
 from .report import ReportConstants
 from .samples import bases_by_index, normalize_samples, pack_samples
-from .sharding import shard_spec
+from .sharding import full, is_dtensor, local, shard_spec
 
 __all__ = ["ObjectiveRegistry"]
 
@@ -79,8 +79,15 @@ class ObjectiveRegistry:
         grads: Any = None,
         closure: Closure | None = None,
         bases: Any = None,
+        anchor: Any = None,
+        fisher_diagonal: Any = None,
     ) -> ProtectedObjective:
-        """Build an objective's memory from samples, a closure's gradient or given bases, and add it."""
+        """Build an objective's memory from samples, a closure's gradient or given bases, and add it.
+
+        ``anchor`` / ``fisher_diagonal`` (EWC): sequences aligned with the parameters like a
+        sample. An objective with an EWC penalty alone (``fisher="identity"`` or a given
+        diagonal, ``mode="observe"``) needs no samples: it covers what they cover.
+        """
         loss = None
         samples = None
         if closure is not None:
@@ -89,7 +96,11 @@ class ObjectiveRegistry:
         elif grads is not None:
             samples = normalize_samples(grads, name)
         given = {}
-        if bases is None:
+        penalty_only = samples is None and bases is None
+        if penalty_only:
+            coverage = _penalty_coverage(name, config, params, anchor, fisher_diagonal)
+            S = None
+        elif bases is None:
             coverage, S = pack_samples(samples, params, name)
         else:
             if config.operator.needs_reference and samples is None:
@@ -104,11 +115,20 @@ class ObjectiveRegistry:
         obj.param_bytes = sum(params[i].numel() * params[i].element_size() for i in coverage)
         if given:
             obj.set_bases({coverage.index(i): fm for i, fm in given.items()})
+        if fisher_diagonal is not None:
+            if config.ewc <= 0 or config.fisher != "samples":
+                raise ValueError(f"objective {name!r}: fisher_diagonal is the EWC penalty's F; it needs ewc > 0 and fisher='samples'")
+            obj.set_fisher(pack_samples(normalize_samples([fisher_diagonal], name), params, name, coverage=coverage,
+                                        allow_zero=True)[1][0])
         if S is not None:
             obj.add_samples(S)
         spec = shard_spec(params, coverage)
         if spec is not None:
             obj.shard_to(spec)
+        if anchor is not None and config.ewc <= 0:
+            raise ValueError(f"objective {name!r}: an anchor is the EWC penalty's theta*; it needs ewc > 0")
+        if config.ewc > 0:
+            obj.anchor = anchor_tensors(name, anchor, params, coverage)
         obj.schedule.restart(step, loss)
         with self._lock:
             if name in self.objectives:
@@ -123,6 +143,16 @@ class ObjectiveRegistry:
             del self.objectives[name]
             self.invalidate()
         return obj
+
+    def consolidate(self, name: str, grads: Any, params: list[torch.Tensor]) -> None:
+        """Online EWC: consolidate a new task's samples into ``name`` (Fisher ``gamma F + F_new``,
+        anchor moved to the current parameters)."""
+        obj = self.get(name)
+        if obj.config.ewc <= 0:
+            raise ValueError(f"objective {name!r} has no EWC penalty (ewc=0); consolidate is online EWC's update")
+        _, S = pack_samples(normalize_samples(grads, name), params, name, coverage=obj.coverage)
+        obj.consolidate(S, anchor_tensors(name, None, params, obj.coverage))
+        self.invalidate()
 
     def add_samples(self, name: str, grads: Any, params: list[torch.Tensor]) -> None:
         obj = self.get(name)
@@ -164,3 +194,50 @@ class ObjectiveRegistry:
             ReportConstants.of(plan)  # its Grams need a collective: every rank builds them now
         self.plan, self._plan_params = plan, list(params)
         return plan
+
+
+def anchor_tensors(name: str, anchor: Any, params: list[torch.Tensor], coverage: tuple[int, ...]) -> list[torch.Tensor]:
+    """EWC's anchor per covered tensor, in the parameter's dtype (this rank's part when
+    sharded): copies of ``anchor`` (aligned with the parameters) or of the parameters now."""
+    if anchor is None:
+        return [local(params[i]).detach().clone() for i in coverage]
+    if isinstance(anchor, torch.Tensor) or not isinstance(anchor, Sequence) or len(anchor) != len(params):
+        raise ValueError(f"objective {name!r}: anchor must be a sequence of {len(params)} tensors aligned with the "
+                         "optimizer's parameters (None where the objective does not cover one)")
+    out = []
+    for i in coverage:
+        a = anchor[i]
+        if not isinstance(a, torch.Tensor):
+            raise ValueError(f"objective {name!r}: anchor for covered parameter {i} must be a tensor, got {type(a).__name__}")
+        a = local(full(a)) if is_dtensor(a) else a
+        p = local(params[i])
+        if tuple(a.shape) != tuple(params[i].shape) and tuple(a.shape) != tuple(p.shape):
+            raise ValueError(f"objective {name!r}: anchor for parameter {i} has shape {tuple(a.shape)}, "
+                             f"the parameter has shape {tuple(params[i].shape)}")
+        if not bool(torch.isfinite(a).all()):
+            raise ValueError(f"objective {name!r}: anchor for parameter {i} holds inf or nan")
+        if tuple(a.shape) != tuple(p.shape):  # a whole anchor for a sharded parameter: this rank's rows
+            start, count = shard_spec(params, [i]).rows(0)
+            a = a[start : start + count]
+        out.append(a.detach().to(device=p.device, dtype=p.dtype).clone())
+    return out
+
+
+def _penalty_coverage(name: str, config: ObjectiveConfig, params: list[torch.Tensor], anchor: Any, fisher_diagonal: Any) -> tuple[int, ...]:
+    """What an objective without samples covers: an EWC penalty alone (L2-SP, or a given Fisher)."""
+    if config.ewc <= 0 or (config.fisher == "samples" and fisher_diagonal is None):
+        raise ValueError(f"objective {name!r} needs gradient samples, a closure or bases "
+                         "(an EWC penalty alone needs ewc > 0 with fisher='identity' or a fisher_diagonal)")
+    if config.acts:
+        raise ValueError(f"objective {name!r} in mode {config.mode!r} needs gradient samples or a closure; "
+                         "an EWC penalty alone takes mode='observe'")
+    given = fisher_diagonal if fisher_diagonal is not None else anchor
+    if given is None:
+        return tuple(i for i, p in enumerate(params) if p.requires_grad)
+    if isinstance(given, torch.Tensor) or not isinstance(given, Sequence) or len(given) != len(params):
+        raise ValueError(f"objective {name!r}: anchor / fisher_diagonal must be sequences of {len(params)} tensors aligned "
+                         "with the optimizer's parameters (None where the objective does not cover one)")
+    coverage = tuple(i for i, t in enumerate(given) if t is not None)
+    if not coverage:
+        raise ValueError(f"objective {name!r}: the anchor / fisher_diagonal covers no parameter")
+    return coverage

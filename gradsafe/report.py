@@ -22,7 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["STATS", "PER_TENSOR_STATS", "ReportConstants", "step_report"]
 
-STATS = ("cosine", "conflict", "energy_in_subspace", "energy_removed", "predicted_change", "grad_norm")
+STATS = ("cosine", "conflict", "energy_in_subspace", "energy_removed", "predicted_change",
+         "predicted_change_unprotected", "grad_norm")
 PER_TENSOR_STATS = ("cosine", "energy_removed", "predicted_change")
 
 
@@ -74,6 +75,29 @@ class ReportConstants:
         return consts
 
 
+def _alignment_cross(plan: "Plan") -> list[np.ndarray]:
+    """Per block and tensor: ``sum_o rho_o <r_o, r_mean>`` on the tensor over the blocks ``o``
+    with a SafeGrad term (``rho > 0``): what those terms add to ``<r_mean, x_t>``."""
+    cached = plan.cache.get("report_alignment")
+    if cached is not None:
+        return cached
+    out = []
+    for b in plan.blocks:
+        per_tensor = np.zeros(b.num_tensors)
+        for t, p in enumerate(b.positions):
+            mine = b.mean_operand(t)
+            for bo, _ in plan.touching[p]:
+                other = plan.blocks[bo]
+                if other.rho > 0:
+                    t_o = other.positions.index(p)
+                    per_tensor[t] += other.rho * float(operand_gram([mine, other.mean_operand(t_o)])[0, 1])
+        out.append(per_tensor)
+    if plan.shard is not None:
+        out = all_reduce_arrays(out, plan.shard)
+    plan.cache["report_alignment"] = out
+    return out
+
+
 def _tensor_weights(plan: "Plan", weights: np.ndarray, p: int) -> np.ndarray:
     """All weights of the acting rows on tensor ``p``, in the order of the tensor's Gram matrix."""
     rule = plan.rule
@@ -95,6 +119,7 @@ class _Sums:
     mean_norm2: float = 0.0
     inside: float = 0.0
     change: float = 0.0
+    unprotected: float = 0.0
 
 
 def step_report(
@@ -103,13 +128,16 @@ def step_report(
     weights: np.ndarray | None,
     step_scale: np.ndarray,
     per_tensor: bool = False,
+    alignment_after: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Per objective (and with ``per_tensor``, per covered parameter) statistics of one step.
 
     ``step_scale`` (one per plan position): the factor from the vector handed on, x, to the
     parameter change, ``delta theta = -step_scale * x`` (the learning rate in space "grad",
     1 in space "update"). An objective with several blocks (a factored objective's matrices
-    and its 1-D tensors) sums their parts before taking ratios.
+    and its 1-D tensors) sums their parts before taking ratios. ``alignment_after``: the
+    SafeGrad terms ``rho r`` joined the step after the surgery (space "grad"; in space
+    "update" they are part of the measured update already).
     """
     consts = ReportConstants.of(plan)
     coefs = np.asarray(coefs, dtype=np.float64)
@@ -131,6 +159,7 @@ def step_report(
     joint_removed = float(removed.sum()) / hh_all if hh_all > 0 else 0.0
     sums: dict[str, _Sums] = {}
     extra: dict[str, dict[str, float]] = {}
+    aligned = _alignment_cross(plan) if alignment_after and any(b.rho > 0 for b in plan.blocks) else None
     for bi, b in enumerate(plan.blocks):
         C = plan.rule.block_coefs(coefs, bi)
         hh_t = hh[b.positions]
@@ -157,6 +186,8 @@ def step_report(
         for t, p in enumerate(b.positions):
             if p in w_by_pos:
                 along[t] += float(consts.cross[bi][t] @ w_by_pos[p])
+        if aligned is not None:
+            along += aligned[bi]
         change_t = -step_scale[b.positions] * along
         acc = sums.setdefault(b.name, _Sums())
         acc.dot += float(dots.sum())
@@ -164,6 +195,8 @@ def step_report(
         acc.mean_norm2 += float(mean_norm2.sum())
         acc.inside += inside
         acc.change += float(change_t.sum())
+        # the step the base optimizer would have taken from the gradient the surgery received
+        acc.unprotected += float((-step_scale[b.positions] * dots).sum())
         if per_tensor:
             index = plan.param_indices
             mine = extra.setdefault(b.name, {})
@@ -182,6 +215,7 @@ def step_report(
             "energy_in_subspace": min(acc.inside / denom, 1.0) if acc.hh > 0 else 0.0,
             "energy_removed": joint_removed,
             "predicted_change": acc.change,
+            "predicted_change_unprotected": acc.unprotected,
             "grad_norm": float(np.sqrt(acc.hh)),
         }
         stats.update(extra.get(name, {}))

@@ -31,7 +31,7 @@ from .qp import solve_nonneg_qp_batch
 if TYPE_CHECKING:  # pragma: no cover
     from .plan import Block
 
-__all__ = ["HostRule"]
+__all__ = ["HostRule", "equilibrated_pinv"]
 
 
 @dataclass
@@ -46,6 +46,22 @@ class _Segment:
 
     def size(self, num_tensors: int) -> int:
         return len(self.rows) * (num_tensors if self.per_tensor else 1)
+
+
+def equilibrated_pinv(K: np.ndarray) -> np.ndarray:
+    """A pseudo-inverse of the PSD ``K`` whose rank cut does not depend on the columns' scales.
+
+    ``K = G + diag(E)``: a soft column's penalty ``E`` can exceed a hard column's Gram
+    diagonal by many orders (strength 1e-6 gives ``E = 1e6``), and a cut relative to the
+    largest eigenvalue of ``K`` would then drop the hard columns. With ``D = diag(K)^(-1/2)``
+    (1 on zero columns), ``D K D`` has a unit diagonal and the cut sees only dependence
+    between columns; ``D (D K D)^+ D`` solves ``K mu = a`` for every ``a`` in ``K``'s
+    range, which is all the rule needs (its ``a`` and ``G_AR`` columns lie there).
+    """
+    d = np.diag(K).copy()
+    scale = np.where(d > 0, 1.0 / np.sqrt(np.where(d > 0, d, 1.0)), 1.0)
+    inner = np.linalg.pinv(K * scale[:, None] * scale[None, :], rcond=PINV_RTOL, hermitian=True)
+    return inner * scale[:, None] * scale[None, :]
 
 
 class HostRule:
@@ -102,13 +118,14 @@ class HostRule:
         col_touch: list[list[tuple[int, int]]] = [[] for _ in range(z)]
         for seg in self.segments:
             b = blocks[seg.block]
-            pen = b.penalty if seg.kind == "A" else 0.0
+            # a penalty per block, per basis row (k,), or per tensor and basis row (T, k)
+            pen = np.asarray(b.penalty if seg.kind == "A" else 0.0, dtype=np.float64)
             instances = [[t] for t in range(b.num_tensors)] if seg.per_tensor else [list(range(b.num_tensors))]
             c = seg.z_offset
             for tensors in instances:
                 for r in seg.rows:
                     col_kind[c] = seg.kind
-                    col_pen[c] = pen
+                    col_pen[c] = pen if pen.ndim == 0 else pen[r] if pen.ndim == 1 else pen[tensors[0], r]
                     col_touch[c] = [(b.positions[t], self.local[b.positions[t]][seg.block] + r) for t in tensors]
                     c += 1
 
@@ -146,7 +163,7 @@ class HostRule:
                 G[np.ix_(ii, ii)] += self.tensor_grams[p][np.ix_(ll, ll)]
             nA = len(A)
             K = G[:nA, :nA] + np.diag(col_pen[A])
-            K_pinv = np.linalg.pinv(K, rcond=PINV_RTOL, hermitian=True) if nA else np.zeros((0, 0))
+            K_pinv = equilibrated_pinv(K) if nA else np.zeros((0, 0))
             G_AR = G[:nA, nA:]
             P2 = K_pinv @ G_AR
             H = G[nA:, nA:] - G_AR.T @ P2

@@ -113,7 +113,8 @@ def test_metrics_have_stable_keys_and_survive_a_skipped_step():
     scaler.step(opt)
     scaler.update()
     metrics = opt.metrics
-    assert set(metrics) == {f"gradsafe/old/{s}" for s in ("cosine", "conflict", "energy_in_subspace", "energy_removed", "predicted_change", "grad_norm")}
+    assert set(metrics) == {f"gradsafe/old/{s}" for s in ("cosine", "conflict", "energy_in_subspace", "energy_removed",
+                                                           "predicted_change", "predicted_change_unprotected", "grad_norm")}
     assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in metrics.values())
     opt.zero_grad()
     scaler.scale(mse(model, batch(1))).backward()

@@ -364,7 +364,7 @@ def test_observe_mode_is_bit_identical_and_reports(name, foreach):
     assert all_equal(ref, got)
     rep = opt.report
     assert set(rep) == {"s"}
-    assert set(rep["s"]) == {"cosine", "conflict", "energy_in_subspace", "energy_removed", "predicted_change", "grad_norm"}
+    assert set(rep["s"]) == {"cosine", "conflict", "energy_in_subspace", "energy_removed", "predicted_change", "predicted_change_unprotected", "grad_norm"}
     for k, v in rep["s"].items():
         assert isinstance(v, float) and math.isfinite(v), (k, v)
     assert rep["s"]["energy_removed"] == 0.0

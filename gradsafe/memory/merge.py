@@ -18,7 +18,8 @@ import torch
 
 from ..factored import FactorMemory, matrix_shape, merge_factors
 from ..operators.conflict import merge_references
-from ..operators.damping import keeps_fisher, merge_fisher
+from ..operators.damping import keeps_fisher, mean_squared, merge_fisher
+from ..operators.ewc import online_fisher
 from ..operators.projection import merge_flat_basis
 from .budget import apply_budget
 from .record import Memory, ObjectiveLayout, pack_rows
@@ -46,22 +47,28 @@ def merge(
     fresh: bool,
     param_bytes: int,
     name: str = "",
+    consolidate_gamma: float | None = None,
 ) -> Memory:
     """Merge packed samples ``S`` (m, N) into ``memory``; ``fresh``: replace bases and
-    references by those of ``S`` (the Fisher keeps its online average).
+    references by those of ``S`` (the Fisher keeps its online average; EWC's is left).
+    ``consolidate_gamma``: the samples are a new task consolidated into an online-EWC
+    objective, whose Fisher becomes ``gamma F_old + F_new``.
 
     A sharded memory is gathered, merged whole (on every rank alike) and sharded again.
     """
     spec = memory.shard
     whole = unshard(memory, layout) if spec is not None else memory
-    merged = _merge_whole(whole, layout, config, S, fresh)
+    merged = _merge_whole(whole, layout, config, S, fresh, consolidate_gamma)
     _check_finite(merged, S, name)
     if config.memory_budget is not None:
         merged = apply_budget(merged, layout, config, param_bytes, name)
     return shard(merged, layout, spec) if spec is not None else merged
 
 
-def _merge_whole(memory: Memory, layout: ObjectiveLayout, config: "ObjectiveConfig", S: torch.Tensor, fresh: bool) -> Memory:
+def _merge_whole(
+    memory: Memory, layout: ObjectiveLayout, config: "ObjectiveConfig", S: torch.Tensor, fresh: bool,
+    consolidate_gamma: float | None = None,
+) -> Memory:
     prev_count = 0 if fresh else memory.num_samples
     factors = dict(memory.factors)
     if config.scope == "factored":
@@ -97,7 +104,14 @@ def _merge_whole(memory: Memory, layout: ObjectiveLayout, config: "ObjectiveConf
         keep_samples=config.rank if config.references == "samples" else None,
     )
     fisher = memory.fisher
-    if keeps_fisher(config.scope, config.damping):
+    if consolidate_gamma is not None and memory.fisher is not None and not memory.fisher_fixed:
+        fisher = online_fisher(memory.fisher, mean_squared(None, 0, S), consolidate_gamma)
+    elif config.ewc > 0:
+        # EWC's Fisher is the task's: the mean of the squared samples over every sample of
+        # the task (count-weighted across merges); a refresh, and a given diagonal, leave it
+        if not memory.fisher_fixed and (memory.fisher is None or not fresh):
+            fisher = mean_squared(memory.fisher, memory.num_samples, S)
+    elif keeps_fisher(config.scope, config.damping):
         fisher = merge_fisher(memory.fisher, S, config.fisher_decay)
     return replace(
         memory,
@@ -153,7 +167,7 @@ def from_bases(
         storage=pack_rows(torch.zeros(1, N, device=device), torch.zeros(N, device=device), None),
         n_basis=1,
         energies=torch.zeros(len(layout.flat_index), 1, device=device),
-        fisher=torch.zeros(layout.numel, device=device) if keeps_fisher(config.scope, config.damping) else None,
+        fisher=torch.zeros(layout.numel, device=device) if keeps_fisher(config.scope, config.damping, config.ewc) else None,
         factors=dict(factors),
         fixed_factors=frozenset(factors),
     )

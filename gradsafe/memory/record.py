@@ -120,6 +120,7 @@ class Memory:
     fixed_factors: frozenset[int] = frozenset()
     num_samples: int = 0
     shard: ShardSpec | None = None
+    fisher_fixed: bool = False  # a Fisher given by the user (EWC): merges leave it as it is
 
     @property
     def basis(self) -> torch.Tensor | None:

@@ -41,7 +41,7 @@ __all__ = [
 
 #: The memory's entries every saved objective has, and those that may be absent.
 MEMORY_KEYS = ("basis", "energies", "mean_ref", "sample_refs", "fisher", "num_samples")
-MEMORY_OPTIONAL_KEYS = ("factors", "fixed_factors", "sharded")
+MEMORY_OPTIONAL_KEYS = ("factors", "fixed_factors", "sharded", "fisher_fixed")
 _SHARDED_KEYS = ("rows", "num_rows", "num_basis", "has_samples", "fisher", "fisher_mean")
 _FACTOR_KEYS = ("shape", "left", "left_energy", "right", "right_energy", "ref_left", "ref_right")
 
@@ -64,6 +64,7 @@ def memory_state(memory: Memory, layout: ObjectiveLayout) -> dict[str, Any]:
         "num_samples": memory.num_samples,
         "factors": {str(t): fm.state_dict() for t, fm in memory.factors.items()},
         "fixed_factors": sorted(memory.fixed_factors),
+        "fisher_fixed": memory.fisher_fixed,
     }
     if memory.shard is not None:
         state.update(_sharded_state(memory, layout))
@@ -161,7 +162,11 @@ def memory_from_state(
         t: FactorMemory.from_state_dict({k: local(v) if isinstance(v, torch.Tensor) else v for k, v in f.items()}, device)
         for t, f in factor_states.items()
     }
+    fisher_fixed = state.get("fisher_fixed", False)
+    if not isinstance(fisher_fixed, bool):
+        raise StateDictError(f"objective {name!r}: field 'fisher_fixed' must be a bool, got {fisher_fixed!r}")
     common = dict(
+        fisher_fixed=fisher_fixed,
         energies=load(state["energies"]),
         factors=factors,
         fixed_factors=fixed,
@@ -287,7 +292,7 @@ def _energies_shape(per_tensor: bool, T: int, k: int) -> tuple[int, ...]:
 
 
 def _needs_fisher(config: "ObjectiveConfig | None") -> bool:
-    return config is not None and (config.scope != "factored" or config.damping > 0)
+    return config is not None and (config.scope != "factored" or config.damping > 0 or config.ewc > 0)
 
 
 def _check_whole(state: Mapping[str, Any], layout: ObjectiveLayout, name: str, per_tensor: bool,

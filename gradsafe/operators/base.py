@@ -12,7 +12,9 @@ samples (m)]`` (see ``gradsafe.memory``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Union
+
+import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..options import ObjectiveConfig
@@ -40,13 +42,14 @@ class RuleRows:
     """An operator's part of the joint rule, as indices into the rows its block reads.
 
     ``basis_rows`` enter as basis columns A with penalty ``penalty`` (0: a hard
-    constraint); ``constraint_rows`` as conflict constraints ``<x, r> >= 0``;
+    constraint; a float for every row, or an array with one per basis row, ``(k,)``, or
+    per tensor and basis row, ``(T, k)`` for scope "tensor"); ``constraint_rows`` as conflict constraints ``<x, r> >= 0``;
     ``apply_rows``: the contiguous rows that can get non-zero weights (the apply pass reads
     only these); ``acts``: whether the rule gives the block any weight.
     """
 
     basis_rows: tuple[int, ...] = ()
-    penalty: float = 0.0
+    penalty: Union[float, np.ndarray] = 0.0
     constraint_rows: tuple[int, ...] = ()
     apply_rows: slice = field(default_factory=lambda: slice(0, 0))
     acts: bool = False
@@ -75,8 +78,11 @@ class Operator:
         """The rows of the memory storage the step reads (basis and mean reference)."""
         return RowSpan(0, n_basis, 1, 0)
 
-    def rule_rows(self, config: "ObjectiveConfig", span: RowSpan) -> RuleRows:
-        """The block's part of the joint rule (rows indexed within ``span``)."""
+    def rule_rows(self, config: "ObjectiveConfig", span: RowSpan, energies: "np.ndarray | None" = None) -> RuleRows:
+        """The block's part of the joint rule (rows indexed within ``span``).
+
+        ``energies``: the basis directions' singular values (``(k,)``, or ``(T, k)`` per
+        tensor), for operators whose penalties depend on them."""
         return RuleRows()
 
     def factored_strength(self, config: "ObjectiveConfig") -> float | None:

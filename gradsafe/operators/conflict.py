@@ -51,7 +51,7 @@ class ConflictProjection(Operator):
         # the mean reference, then (GEM) the kept samples; the basis is not read
         return RowSpan(n_basis, 0, 1, n_samples if config.references == "samples" else 0)
 
-    def rule_rows(self, config: "ObjectiveConfig", span: RowSpan) -> RuleRows:
+    def rule_rows(self, config: "ObjectiveConfig", span: RowSpan, energies=None) -> RuleRows:
         if span.n_refs:  # GEM: one constraint per kept sample
             rows = tuple(range(span.n_mean, span.n_mean + span.n_refs))
             return RuleRows(constraint_rows=rows, apply_rows=slice(rows[0], rows[-1] + 1), acts=True)

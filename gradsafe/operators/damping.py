@@ -20,15 +20,15 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["merge_fisher", "normalized", "keeps_fisher", "damping_factors"]
+__all__ = ["merge_fisher", "mean_squared", "normalized", "keeps_fisher", "damping_factors"]
 
 _EPS = 1e-30
 
 
-def keeps_fisher(scope: str, damping: float) -> bool:
+def keeps_fisher(scope: str, damping: float, ewc: float = 0.0) -> bool:
     """Whether an objective keeps a Fisher diagonal: flat scopes always (the report's
-    ``fisher_step``), factored ones only to damp."""
-    return scope != "factored" or damping > 0
+    ``fisher_step``), factored ones only to damp or for the EWC penalty."""
+    return scope != "factored" or damping > 0 or ewc > 0
 
 
 def merge_fisher(previous: torch.Tensor | None, S: torch.Tensor, decay: float) -> torch.Tensor:
@@ -38,6 +38,16 @@ def merge_fisher(previous: torch.Tensor | None, S: torch.Tensor, decay: float) -
     if previous is None:
         return new
     return previous * decay + new * (1.0 - decay)
+
+
+def mean_squared(previous: torch.Tensor | None, count: int, S: torch.Tensor) -> torch.Tensor:
+    """The mean of the squared rows of ``S`` (m, N) together with ``count`` earlier samples
+    whose mean square is ``previous`` (``None``: no earlier samples)."""
+    s = S.to(torch.float32)
+    total = (s * s).sum(dim=0)
+    if previous is None or count == 0:
+        return total / s.shape[0]
+    return (previous * count + total) / (count + s.shape[0])
 
 
 def normalized(fisher: torch.Tensor, mean: float | None = None) -> torch.Tensor:

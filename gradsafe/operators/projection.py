@@ -41,7 +41,7 @@ class OrthogonalProjection(Operator):
         """The penalty on the basis coefficients: 0, a hard constraint."""
         return 0.0
 
-    def rule_rows(self, config: "ObjectiveConfig", span: RowSpan) -> RuleRows:
+    def rule_rows(self, config: "ObjectiveConfig", span: RowSpan, energies=None) -> RuleRows:
         return RuleRows(
             basis_rows=tuple(range(span.n_basis)),
             penalty=self.penalty(config),
