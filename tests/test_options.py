@@ -35,7 +35,8 @@ def test_literal_types_are_the_allowed_values():
 
 def test_constructor_and_protect_take_every_option():
     values = dict(mode="conflict", rank=3, scope="tensor", strength=1.0, damping=0.5, references="samples",
-                  refresh_every=2, energy=0.9, fisher_decay=0.25, sides="left", memory_budget=None)
+                  refresh_every=2, energy=0.9, fisher_decay=0.25, sides="left", memory_budget=None,
+                  importance=None, scale=2.0, ewc=0.5, fisher="identity", ewc_gamma=0.8, rho=0.1)
     assert set(values) == set(OPTION_NAMES)
     opt, p = _opt(**values)
     assert dataclasses.asdict(opt.default_config) == values

@@ -58,7 +58,7 @@ FULL = ContinualConfig()
 QUICK = ContinualConfig(n_tasks=3, steps=100, memory=32, eval_every=25)
 # the second setting of the full study: class-incremental split digits, a subset of the methods
 SPLIT_CLASS = ContinualConfig(setting="split-class", n_tasks=5, steps=150, memory=50, eval_every=25,
-                              methods=("plain", "ewc", "ogd", "agem_1", "agem_10", "agem_100", "gem"))
+                              methods=("plain", "damping", "ogd", "agem_1", "agem_10", "agem_100", "gem"))
 
 
 class MLP(nn.Module):

@@ -6,7 +6,7 @@ baseline is that AdamW alone. Every method gets the same protected data budget: 
 the memory examples, from which each method builds what it needs:
 
 - per-example gradient samples (one backward pass per example), taken when the set is
-  first protected (right after it was learned): EWC's Fisher, OGD's basis, A-GEM's cached
+  first protected (right after it was learned): the Fisher, OGD's basis, A-GEM's cached
   mean reference;
 - per-mini-batch gradient samples (``gem_refs`` batches): GEM's references;
 - a closure: the loss on the whole memory at the current parameters, recomputed by
@@ -38,7 +38,7 @@ class Hyper:
     """Method hyperparameters, shared by every method that uses them."""
 
     rank: int = 64  # OGD: most basis directions per protected set
-    damping: float = 3.0  # EWC: lambda in g / (1 + lambda * F_hat)
+    damping: float = 3.0  # Fisher damping: lambda in g / (1 + lambda * F_hat)
     gem_refs: int = 8  # GEM: references (memory mini-batches) per protected set
 
 
@@ -127,8 +127,8 @@ def _plain(opt: ProtectedOptimizer, protected: Sequence[Protected], hp: Hyper) -
     return None
 
 
-def _ewc(opt: ProtectedOptimizer, protected: Sequence[Protected], hp: Hyper) -> None:
-    for p in protected:  # one Fisher per protected set: damping adds up (online EWC)
+def _damping(opt: ProtectedOptimizer, protected: Sequence[Protected], hp: Hyper) -> None:
+    for p in protected:  # one Fisher per protected set: the dampings add up (a preconditioner, not EWC)
         opt.protect(p.name, p.samples(), mode="observe", damping=hp.damping)
 
 
@@ -140,7 +140,7 @@ def _ogd(scope: str) -> Register:
     return register
 
 
-def _ewc_ogd(opt: ProtectedOptimizer, protected: Sequence[Protected], hp: Hyper) -> None:
+def _damping_ogd(opt: ProtectedOptimizer, protected: Sequence[Protected], hp: Hyper) -> None:
     for p in protected:
         opt.protect(p.name, p.samples(), mode="project", rank=hp.rank, damping=hp.damping)
 
@@ -170,7 +170,8 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("plain", "plain AdamW", "-", _plain, "baseline", quick=True, note="baseline: AdamW alone"),
-        Method("ewc", "EWC damping", "update", _ewc, "damping", quick=True, note="Fisher damping of the update"),
+        Method("damping", "Fisher damping", "update", _damping, "damping", quick=True,
+               note="Fisher damping of the update (no anchor: not EWC)"),
         Method("ogd", "OGD global", "update", _ogd("global"), "projection, fixed basis", quick=True,
                note="projection off a global basis"),
         Method("ogd_tensor", "OGD per-tensor", "update", _ogd("tensor"), "projection, fixed basis",
@@ -190,7 +191,7 @@ METHODS: dict[str, Method] = {
         Method("agem_1_grad", "A-GEM refresh 1, grad", "grad", _agem(1), "conflict, live reference",
                note="projects the gradient, not the update"),
         Method("gem", "GEM exact", "update", _gem, "conflict, stale reference", note="several references, exact QP"),
-        Method("ewc_ogd", "EWC + OGD", "update", _ewc_ogd, "damping", note="damping, then projection"),
+        Method("damping_ogd", "Fisher damping + OGD", "update", _damping_ogd, "damping", note="damping, then projection"),
     )
 }
 QUICK_METHODS = tuple(name for name, m in METHODS.items() if m.quick)

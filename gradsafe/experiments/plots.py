@@ -20,7 +20,7 @@ matplotlib = require("matplotlib", "demo", "gradsafe.experiments.plots")
 
 __all__ = ["PLOT_METHODS", "plot_scenario", "plot_thesis", "plot_refresh", "save"]
 
-PLOT_METHODS = ("plain", "ewc", "ogd", "ogd_tensor", "agem_1", "agem_10", "agem_100", "agem_cached", "gem", "ewc_ogd")
+PLOT_METHODS = ("plain", "damping", "ogd", "ogd_tensor", "agem_1", "agem_10", "agem_100", "agem_cached", "gem", "damping_ogd")
 
 
 def _pyplot() -> Any:

@@ -60,7 +60,7 @@ class SafetyConfig:
     monitor_every: int = 5  # steps between refreshes of the monitor's reference
     fractions: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2)
     all_methods_at: tuple[float, ...] = (0.1,)  # other fractions run ``sweep_methods`` only
-    sweep_methods: tuple[str, ...] = ("plain", "ewc", "ogd", "agem_10")
+    sweep_methods: tuple[str, ...] = ("plain", "damping", "ogd", "agem_10")
 
     def __post_init__(self) -> None:
         if any(not 0.0 <= p < 1.0 for p in self.fractions):
