@@ -328,7 +328,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         # parameters without a gradient are not stepped by the base optimizer: leave them
         # out of the surgery too (in both spaces)
         active = frozenset(i for i, p in enumerate(params) if p.grad is not None)
-        objectives = list(self._registry)
+        objectives = list(self._registry.objectives.values())
         # EWC: the penalty's gradient joins the gradient before any surgery (both spaces)
         penalties = add_penalty_gradients(objectives, params, active) if has_penalties(objectives) else {}
         self._recorder.note_penalties(penalties)
