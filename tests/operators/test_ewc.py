@@ -19,11 +19,12 @@ def _fisher(S):
     return [torch.stack([s[i].float() for s in S]).pow(2).mean(0) for i in range(len(S[0]))]
 
 
+@pytest.mark.parametrize("space", ["grad", "update"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("lam", [0.5, 3.0])
-def test_one_sgd_step_is_the_penalty_gradient(dtype, lam):
+def test_one_sgd_step_is_the_penalty_gradient(dtype, lam, space):
     params, S, g = _setup(dtype)
-    opt = ProtectedOptimizer(torch.optim.SGD(params, lr=0.1))
+    opt = ProtectedOptimizer(torch.optim.SGD(params, lr=0.1), space=space)
     opt.protect("task", S, mode="observe", ewc=lam)
     anchor = [p.detach().clone() for p in params]
     F = _fisher(S)
@@ -201,3 +202,21 @@ def test_errors_name_the_objective_and_the_field():
     opt.protect("plain", S)
     with pytest.raises(ValueError, match="'plain'.*consolidate"):
         opt.consolidate("plain", S)
+
+
+@pytest.mark.parametrize("scope", ["tensor", "factored"])
+def test_the_penalty_is_the_same_in_every_scope(scope):
+    params, S, g = _setup(n=(4, 3))
+    params = [torch.nn.Parameter(torch.randn(4, 3, generator=g)), torch.nn.Parameter(torch.randn(3, generator=g))]
+    S = [[torch.randn(4, 3, generator=g), torch.randn(3, generator=g)] for _ in range(4)]
+    opt = ProtectedOptimizer(torch.optim.SGD(params, lr=0.1))
+    opt.protect("task", S, mode="observe", ewc=2.0, scope=scope, rank=2)
+    anchor = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.3)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, a, f in zip(params, anchor, _fisher(S)):
+        torch.testing.assert_close(p.detach(), a + 0.3 - 0.1 * 2.0 * f * 0.3, rtol=1e-6, atol=1e-6)
