@@ -2,6 +2,7 @@
 
 from .activations import ActivationBases, collect_activation_bases
 from .collect import collect_gradients
+from .fisher import fisher_diagonal
 from .monitor import GradientMonitor, JsonlSink, LoggingSink, TensorBoardSink
 from .objective import ProtectedObjective
 from .optimizer import ProtectedOptimizer
@@ -14,6 +15,7 @@ __all__ = [
     "ObjectiveConfig",
     "StateDictError",
     "collect_gradients",
+    "fisher_diagonal",
     "collect_activation_bases",
     "ActivationBases",
     "GradientMonitor",
