@@ -3,6 +3,7 @@
 from .activations import ActivationBases, collect_activation_bases
 from .collect import collect_gradients
 from .fisher import fisher_diagonal
+from .losses import kl_to_reference
 from .monitor import GradientMonitor, JsonlSink, LoggingSink, TensorBoardSink
 from .objective import ProtectedObjective
 from .optimizer import ProtectedOptimizer
@@ -16,6 +17,7 @@ __all__ = [
     "StateDictError",
     "collect_gradients",
     "fisher_diagonal",
+    "kl_to_reference",
     "collect_activation_bases",
     "ActivationBases",
     "GradientMonitor",
