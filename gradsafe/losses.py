@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,8 +38,9 @@ def kl_to_reference(
     (``protect`` makes it: the reference log-probabilities are those of the aligned model
     when the objective is registered); they are cached on the reference's device, and the
     closure then drops its handle on the reference, so a copy made only for it (e.g.
-    ``copy.deepcopy(model).eval()``) is freed once nothing else holds it. Only ``model``
-    gets a gradient.
+    ``copy.deepcopy(model).eval()``) is freed once nothing else holds it. The cache holds the
+    kept rows' log-probabilities, in at least float32 (rows x V values). Only ``model`` gets a
+    gradient.
     """
     if reference is model:
         raise ValueError(
@@ -59,34 +61,46 @@ def kl_to_reference(
     ):
         raise ValueError(f"kl_to_reference: temperature must be a positive finite number, got {temperature!r}")
     held: dict[str, torch.nn.Module] = {"reference": reference}
-    cached: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    cached: list[_Reference] = []
     rows: list[int] = []
 
     def alignment_kl() -> torch.Tensor:
         if not cached:
-            cached.extend(_reference_log_probs(held.pop("reference"), batches, temperature))
-            rows.append(sum(ref.shape[:-1].numel() if keep is None else int(keep.sum()) for ref, keep in cached))
+            cached.extend(_reference_log_probs(held["reference"], batches, temperature))
+            del held["reference"]
+            rows.append(sum(ref.log_probs.shape[0] for ref in cached))
             if rows[0] == 0:
                 raise ValueError("kl_to_reference: every row of the batches is masked out (attention_mask is all 0)")
         total = None
-        for index, (batch, (ref_log_probs, keep)) in enumerate(zip(batches, cached)):
+        for index, (batch, ref) in enumerate(zip(batches, cached)):
             logits = logits_of(_forward(model, batch), "the model")
-            if logits.shape != ref_log_probs.shape:
+            if tuple(logits.shape) != ref.shape:
                 raise ValueError(
                     f"kl_to_reference: batch {index}: the model's logits have shape {tuple(logits.shape)}, "
-                    f"the reference's {tuple(ref_log_probs.shape)}"
+                    f"the reference's {ref.shape}"
                 )
+            logits = logits.reshape(-1, logits.shape[-1])
+            if ref.keep is not None:
+                logits = logits[ref.keep.to(logits.device)]
             log_probs = (logits.to(_at_least_float32(logits.dtype)) / temperature).log_softmax(-1)
-            ref = ref_log_probs.to(log_probs.device, log_probs.dtype)
-            ref_probs = ref.exp()
+            ref_log_probs = ref.log_probs.to(log_probs.device, log_probs.dtype)
+            ref_probs = ref_log_probs.exp()
             # p_ref = 0 contributes 0 (p log p -> 0), also where log p_ref is -inf
-            per_row = torch.where(ref_probs > 0, ref_probs * (ref - log_probs), torch.zeros_like(ref)).sum(-1)
-            if keep is not None:
-                per_row = torch.where(keep.to(per_row.device), per_row, torch.zeros_like(per_row))
-            total = per_row.sum() if total is None else total + per_row.sum()
+            terms = torch.where(ref_probs > 0, ref_probs * (ref_log_probs - log_probs), torch.zeros_like(ref_probs))
+            total = terms.sum() if total is None else total + terms.sum()
         return total / rows[0]
 
     return alignment_kl
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """One batch's cached reference: the log-probabilities of its kept rows ``(K, V)``, on the
+    reference's device; the logits' full shape; the kept rows of the flattened logits (None: all)."""
+
+    log_probs: torch.Tensor
+    shape: tuple[int, ...]
+    keep: torch.Tensor | None
 
 
 def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
@@ -101,16 +115,16 @@ def _forward(module: torch.nn.Module, batch: torch.Tensor | Mapping[str, Any]) -
 
 def _reference_log_probs(
     reference: torch.nn.Module, batches: list[torch.Tensor | Mapping[str, Any]], temperature: float
-) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Per batch: the reference's log-probabilities (on its device) and the rows to keep (None: all)."""
+) -> list[_Reference]:
+    """Per batch, the reference's log-probabilities at the rows that count (masked rows are not kept)."""
     out = []
     with torch.no_grad():
         for index, batch in enumerate(batches):
             logits = logits_of(_forward(reference, batch), "the reference")
             if logits.dim() < 1 or logits.shape[-1] == 0:
                 raise ValueError(f"kl_to_reference: batch {index}: the reference's logits have shape {tuple(logits.shape)}")
-            log_probs = (logits.to(_at_least_float32(logits.dtype)) / temperature).log_softmax(-1)
             mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            flat = logits.reshape(-1, logits.shape[-1])
             keep = None
             if mask is not None:
                 if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(logits.shape[:-1]):
@@ -119,6 +133,8 @@ def _reference_log_probs(
                         f"kl_to_reference: batch {index}: attention_mask of shape {shape} does not match the "
                         f"logits' rows {tuple(logits.shape[:-1])}"
                     )
-                keep = (mask != 0).to(log_probs.device)
-            out.append((log_probs, keep))
+                keep = (mask != 0).reshape(-1).to(logits.device)
+                flat = flat[keep]
+            log_probs = (flat.to(_at_least_float32(flat.dtype)) / temperature).log_softmax(-1)
+            out.append(_Reference(log_probs=log_probs, shape=tuple(logits.shape), keep=keep))
     return out
