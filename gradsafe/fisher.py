@@ -82,7 +82,8 @@ def fisher_diagonal(
     ``lambda b: model(**b).loss`` for a Hugging Face model's per-token mean).
     ``params``: default ``[p for p in model.parameters() if p.requires_grad]``; the result is
     aligned with them, in their dtype (at least float32), usable as ``protect(...,
-    fisher_diagonal=F)``. ``chunk_size``: how many parameter-sized gradients are held at once.
+    fisher_diagonal=F)``. ``chunk_size``: how many parameter-sized gradients are held at once
+    (for ``"exact"`` as many logits-sized cotangents too).
     ``generator``: the random source of ``"sampled"``, whose labels are drawn batch by batch
     as ``torch.multinomial(probs.reshape(-1, C), 1, generator=generator)`` from the model's
     probabilities at every target.
@@ -213,7 +214,8 @@ def _prepare(
     """Take a batch apart, run the model once on it and build its targets and weights; also
     return the log-probabilities at the targets, ``(N, P, C)``."""
     inputs, constants, labels, mask = _unpack(batch, index, kind)
-    size = next(iter(inputs.values())).shape[0] if next(iter(inputs.values())).dim() else 0
+    first = next(iter(inputs.values()))
+    size = first.shape[0] if first.dim() else 0
     for key, value in inputs.items():
         if value.dim() == 0 or value.shape[0] != size:
             shown = "the inputs" if key == _INPUT else f"{key!r}"
@@ -270,6 +272,9 @@ def _batched_square(
     tensors: list[torch.Tensor],
 ) -> list[torch.Tensor]:
     """The squared gradient of the batch-mean loss (autograd over the batch)."""
+    frozen = [i for i, p in enumerate(tensors) if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"fisher_diagonal(kind='batched'): params[{frozen[0]}] does not require grad")
     with torch.enable_grad():
         if loss_fn is None:
             prepared, log_probs = _prepare(model, batch, index, "batched", None)
@@ -286,9 +291,6 @@ def _batched_square(
         raise ValueError(f"fisher_diagonal(kind='batched'): the loss of batch {index} is not finite ({float(loss)})")
     if not loss.requires_grad:
         raise ValueError(f"fisher_diagonal(kind='batched'): the loss of batch {index} does not depend on the parameters")
-    frozen = [i for i, p in enumerate(tensors) if not p.requires_grad]
-    if frozen:
-        raise ValueError(f"fisher_diagonal(kind='batched'): params[{frozen[0]}] does not require grad")
     grads = torch.autograd.grad(loss, tensors, allow_unused=True)
     return [
         torch.zeros_like(p, dtype=_accumulate_dtype(p.dtype)) if g is None else g.to(_accumulate_dtype(p.dtype)).square()
