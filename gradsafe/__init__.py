@@ -2,6 +2,8 @@
 
 from .activations import ActivationBases, collect_activation_bases
 from .collect import collect_gradients
+from .fisher import fisher_diagonal
+from .losses import kl_to_reference
 from .monitor import GradientMonitor, JsonlSink, LoggingSink, TensorBoardSink
 from .objective import ProtectedObjective
 from .optimizer import ProtectedOptimizer
@@ -14,6 +16,8 @@ __all__ = [
     "ObjectiveConfig",
     "StateDictError",
     "collect_gradients",
+    "fisher_diagonal",
+    "kl_to_reference",
     "collect_activation_bases",
     "ActivationBases",
     "GradientMonitor",
