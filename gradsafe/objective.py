@@ -3,8 +3,11 @@
 ``ProtectedObjective`` is the handle the optimizer keeps per name. Its memory is a
 ``gradsafe.memory.Memory`` record that every update replaces (``add_samples``,
 ``refresh``, ``set_bases``, ``shard_to``, ``unshard``); ``version`` counts the
-replacements, so that a plan built on an older memory is rebuilt. The refresh schedule of
-a closure objective is a separate record (``gradsafe.refresh.RefreshState``).
+replacements, so that a plan built on an older memory is rebuilt. One update does not
+replace it: a live reference's refresh whose memory keeps its shape (``refresh_in_place``)
+writes the fresh gradient into the record's rows; ``rows_version`` counts those, so that a
+plan over the same rows updates only the numbers that depend on them. The refresh schedule
+of a closure objective is a separate record (``gradsafe.refresh.RefreshState``).
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import memory as mem
 from .factored import FactorMemory
+from .memory.merge import refresh_in_place, refreshes_in_place
 from .memory.state import MEMORY_KEYS, MEMORY_OPTIONAL_KEYS, StateDictError, check_int, check_layout
 from .operators.base import RowSpan
 from .operators.damping import keeps_fisher, normalized
@@ -60,7 +65,11 @@ class ProtectedObjective:
         self.had_closure = closure is not None
         self.param_bytes = 4 * self.layout.numel  # the covered parameters' own bytes (set by the optimizer)
         self.num_refreshes = 0
-        self.version = 0
+        self.version = 0  # memory records replaced: a plan over an older one is rebuilt
+        self.rows_version = 0  # rows rewritten in place: a plan over them updates its numbers
+        # per covered parameter index: the Gram of the rows the step reads, on that parameter,
+        # as of rows_version (known for free after an in-place refresh; empty otherwise)
+        self.row_grams: dict[int, np.ndarray] = {}
         self.schedule = RefreshState()
 
     # ------------------------------------------------------------------ layout
@@ -196,6 +205,7 @@ class ProtectedObjective:
         """
         self.memory = memory
         self.version += 1
+        self.row_grams = {}
 
     def add_samples(self, S: torch.Tensor) -> None:
         """Merge packed samples ``S`` (m, N) into the memory (basis union, running mean, online Fisher)."""
@@ -204,6 +214,25 @@ class ProtectedObjective:
     def refresh(self, S: torch.Tensor) -> None:
         """Replace basis and references by those of the fresh samples; Fisher keeps its online average."""
         self.replace_memory(self._merged(S, fresh=True))
+        self.num_refreshes += 1
+
+    @property
+    def refreshes_in_place(self) -> bool:
+        """Whether ``refresh_in_place`` applies (``gradsafe.memory.merge.refreshes_in_place``)."""
+        return refreshes_in_place(self.memory, self.layout, self.config)
+
+    def refresh_in_place(self, grads: Sequence[torch.Tensor | None], norms2: np.ndarray) -> None:
+        """Refresh from one fresh gradient by writing it into the memory's rows (same record).
+
+        ``grads``: per covered tensor (coverage order), None for 0; ``norms2``: their squared
+        norms, which the caller computed while checking that they are finite (the plan takes
+        its Gram of these rows from them). Bumps ``rows_version``, not ``version``.
+        """
+        self.memory = refresh_in_place(self.memory, self.layout, self.config, grads)
+        span = self.row_span()
+        ones = np.ones((span.stop - span.start,) * 2)  # every row read is a copy of the gradient
+        self.row_grams = {i: float(n) * ones for i, n in zip(self.coverage, norms2)}
+        self.rows_version += 1
         self.num_refreshes += 1
 
     def _merged(self, S: torch.Tensor, fresh: bool) -> mem.Memory:
