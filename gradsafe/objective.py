@@ -60,7 +60,12 @@ class ProtectedObjective:
         self.name = name
         self.config = config
         self.layout = mem.ObjectiveLayout.of(coverage, shapes, factored=config.scope == "factored")
-        self.memory: mem.Memory = mem.EMPTY
+        self._memory: mem.Memory = mem.EMPTY
+        # In-place refreshes keep the Fisher's decay as a host factor: the record's fisher holds
+        # F / _fisher_scale, so that each refresh takes one pass over it (F += c g^2) instead
+        # of two (F = d F + (1 - d) g^2). Reading the memory folds the factor back in.
+        self._fisher_scale = 1.0
+        self._fisher_bound: float | None = None  # an upper bound of the Fisher's entries
         self.closure = closure
         self.had_closure = closure is not None
         self.param_bytes = 4 * self.layout.numel  # the covered parameters' own bytes (set by the optimizer)
@@ -96,7 +101,7 @@ class ProtectedObjective:
     @property
     def columns(self) -> mem.Columns:
         """The memory's column layout (this rank's part when sharded)."""
-        return self.layout.columns(self.memory.shard)
+        return self.layout.columns(self._memory.shard)
 
     @property
     def flat_numel(self) -> int:
@@ -132,47 +137,64 @@ class ProtectedObjective:
     # ------------------------------------------------------------------ memory (read)
     @property
     def basis(self) -> torch.Tensor | None:
-        return self.memory.basis
+        return self._memory.basis
 
     @property
     def mean_ref(self) -> torch.Tensor | None:
-        return self.memory.mean_ref
+        return self._memory.mean_ref
 
     @property
     def sample_refs(self) -> torch.Tensor | None:
-        return self.memory.sample_refs
+        return self._memory.sample_refs
 
     @property
     def energies(self) -> torch.Tensor | None:
-        return self.memory.energies
+        return self._memory.energies
 
     @property
     def fisher(self) -> torch.Tensor | None:
         return self.memory.fisher
 
     @property
+    def memory(self) -> mem.Memory:
+        """The memory record (its Fisher as the record says: a pending decay factor is folded in)."""
+        if self._fisher_scale != 1.0:
+            self._fold_fisher()
+        return self._memory
+
+    @memory.setter
+    def memory(self, memory: mem.Memory) -> None:
+        self._memory = memory
+        self._fisher_scale = 1.0
+        self._fisher_bound = None
+
+    def _fold_fisher(self) -> None:
+        self._memory.fisher.mul_(self._fisher_scale)
+        self._fisher_scale = 1.0
+
+    @property
     def fisher_mean(self) -> float | None:
-        return self.memory.fisher_mean
+        return self._memory.fisher_mean
 
     @property
     def factors(self) -> Mapping[int, FactorMemory]:
-        return self.memory.factors
+        return self._memory.factors
 
     @property
     def fixed_factors(self) -> frozenset[int]:
-        return self.memory.fixed_factors
+        return self._memory.fixed_factors
 
     @property
     def num_samples(self) -> int:
-        return self.memory.num_samples
+        return self._memory.num_samples
 
     @property
     def shard(self) -> ShardSpec | None:
-        return self.memory.shard
+        return self._memory.shard
 
     @property
     def _storage(self) -> torch.Tensor | None:
-        return self.memory.storage
+        return self._memory.storage
 
     def normalized_fisher(self) -> torch.Tensor:
         """The Fisher scaled to mean 1 over all covered entries (of all ranks when sharded)."""
@@ -188,10 +210,10 @@ class ProtectedObjective:
         references="samples", the kept samples.
         """
         span = self.row_span()
-        return self.memory.storage[span.start : span.stop], span.n_basis, span.n_mean, span.n_refs
+        return self._memory.storage[span.start : span.stop], span.n_basis, span.n_mean, span.n_refs
 
     def row_span(self) -> RowSpan:
-        m = self.memory
+        m = self._memory
         assert m.storage is not None, f"objective {self.name!r} has no memory yet"
         n_samples = 0 if m.sample_refs is None else m.sample_refs.shape[0]
         return self.config.operator.rows_read(self.config, m.n_basis, n_samples)
@@ -219,7 +241,7 @@ class ProtectedObjective:
     @property
     def refreshes_in_place(self) -> bool:
         """Whether ``refresh_in_place`` applies (``gradsafe.memory.merge.refreshes_in_place``)."""
-        return refreshes_in_place(self.memory, self.layout, self.config)
+        return refreshes_in_place(self._memory, self.layout, self.config)
 
     def refresh_in_place(self, grads: Sequence[torch.Tensor | None], norms2: np.ndarray) -> None:
         """Refresh from one fresh gradient by writing it into the memory's rows (same record).
@@ -228,12 +250,36 @@ class ProtectedObjective:
         norms, which the caller computed while checking that they are finite (the plan takes
         its Gram of these rows from them). Bumps ``rows_version``, not ``version``.
         """
-        self.memory = refresh_in_place(self.memory, self.layout, self.config, grads)
+        memory = self._memory
+        keep, new = self._fisher_weights(memory.fisher, float(norms2.max(initial=0.0)))
+        self._memory = refresh_in_place(memory, self.layout, grads, keep, new)
         span = self.row_span()
         ones = np.ones((span.stop - span.start,) * 2)  # every row read is a copy of the gradient
         self.row_grams = {i: float(n) * ones for i, n in zip(self.coverage, norms2)}
         self.rows_version += 1
         self.num_refreshes += 1
+
+    def _fisher_weights(self, fisher: torch.Tensor | None, largest_square: float) -> tuple[float, float]:
+        """``(keep, new)`` such that ``fisher <- keep * fisher + new * g^2`` is this refresh's
+        online average ``F <- d F + (1 - d) g^2`` in the stored, scaled form ``F = scale * fisher``.
+
+        The scale shrinks by ``d`` per refresh (``keep = 1``: one pass); it is folded back in
+        (``keep = scale * d``: two passes, as without it) before the stored entries could
+        leave float32's range, which an upper bound of the entries kept on the host tells.
+        """
+        d = self.config.fisher_decay
+        if fisher is None:
+            return 1.0, 0.0
+        if self._fisher_bound is None:
+            self._fisher_bound = float(fisher.max()) if fisher.numel() else 0.0
+        # every entry of g^2 is at most its tensor's squared norm
+        self._fisher_bound = d * self._fisher_bound + (1.0 - d) * largest_square
+        scale = self._fisher_scale * d
+        if d == 0.0 or scale < 1e-30 or self._fisher_bound > 1e37 * scale:
+            keep, self._fisher_scale = self._fisher_scale * d, 1.0
+            return keep, 1.0 - d
+        self._fisher_scale = scale
+        return 1.0, (1.0 - d) / scale
 
     def _merged(self, S: torch.Tensor, fresh: bool) -> mem.Memory:
         mem.check_packed(S, self.numel, self.name)

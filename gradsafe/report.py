@@ -97,7 +97,10 @@ class ReportConstants:
             self.constraint_pinv[bi] = None
             return
         grams = np.stack([sum(part.cons)]) if scope == "global" else np.stack(part.cons)
-        self.constraint_pinv[bi] = np.linalg.pinv(grams, rcond=PINV_RTOL, hermitian=True)
+        if grams.shape[-1] == 1:  # one constraint (A-GEM): 1 / |r|^2, or 0 for a zero reference
+            self.constraint_pinv[bi] = np.divide(1.0, grams, out=np.zeros_like(grams), where=grams > 0)
+        else:
+            self.constraint_pinv[bi] = np.linalg.pinv(grams, rcond=PINV_RTOL, hermitian=True)
 
 
 def _gram_column(plan: "Plan", bi: int, p: int) -> np.ndarray:
@@ -128,13 +131,14 @@ class _Parts:
         if b.acts:
             mean = 0 if b.operands is not None else b.mean_row()
             norms, grams = np.empty(b.num_tensors), []
+            contiguous = bool(cons) and list(cons) == list(range(cons[0], cons[-1] + 1))
             for t, p in enumerate(b.positions):
                 off = rule.local[p][bi]
                 G = rule.tensor_grams[p]
                 norms[t] = G[off + mean, off + mean]
                 if cons:
-                    idx = [off + c for c in cons]
-                    grams.append(G[np.ix_(idx, idx)])
+                    grams.append(G[off + cons[0] : off + cons[-1] + 1, off + cons[0] : off + cons[-1] + 1]
+                                 if contiguous else G[np.ix_([off + c for c in cons], [off + c for c in cons])])
             return cls(norms, grams, [_gram_column(plan, bi, p) for p in b.positions], False)
         means = [b.mean_operand(t) for t in range(b.num_tensors)]
         norms = np.array([float(operand_inner(m, m)[0, 0]) for m in means])

@@ -57,11 +57,17 @@ class _Component:
 
     A: list[int]
     R: list[int]
-    by_pos: dict[int, tuple[list[int], list[int]]]  # position -> (indices in G, rows of M_p)
+    by_pos: dict[int, tuple[np.ndarray, np.ndarray]]  # position -> flat indices: into G, into M_p
     blocks: frozenset[int]  # blocks with a column here
     a_blocks: frozenset[int]  # blocks with a basis column here
     batch: int = 0  # its entry of HostRule.batches
     slot: int = 0  # and its index there
+
+
+def _flat_index(ii: list[int], ll: list[int], n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The entries ``G[ii, ii]`` and ``M[ll, ll]`` (``G`` n x n, ``M`` m x m) as flat indices."""
+    i, l = np.asarray(ii), np.asarray(ll)
+    return (i[:, None] * n + i[None, :]).reshape(-1), (l[:, None] * m + l[None, :]).reshape(-1)
 
 
 class HostRule:
@@ -157,7 +163,8 @@ class HostRule:
                     entries[p].append((i, loc))
             comp = _Component(
                 A, R,
-                by_pos={p: ([i for i, _ in e], [loc for _, loc in e]) for p, e in entries.items()},
+                by_pos={p: _flat_index([i for i, _ in e], [loc for _, loc in e], len(cols), self.tensor_grams[p].shape[0])
+                        for p, e in entries.items()},
                 blocks=frozenset(int(col_block[c]) for c in cols),
                 a_blocks=frozenset(int(col_block[c]) for c in A),
             )
@@ -182,8 +189,9 @@ class HostRule:
         A = comp.A
         nA = len(A)
         G = np.zeros((nA + len(comp.R),) * 2)
-        for p, (ii, ll) in comp.by_pos.items():
-            G[np.ix_(ii, ii)] += self.tensor_grams[p][np.ix_(ll, ll)]
+        flat = G.reshape(-1)
+        for p, (dst, src) in comp.by_pos.items():
+            flat[dst] += self.tensor_grams[p].reshape(-1)[src]  # no index repeats within a position
         if K_pinv is None:
             K = G[:nA, :nA] + np.diag(self._col_pen[A])
             K_pinv = np.linalg.pinv(K, rcond=PINV_RTOL, hermitian=True) if nA else np.zeros((0, 0))
@@ -208,29 +216,34 @@ class HostRule:
         if not changed:
             return
         with single_threaded_blas():
-            done: set[tuple[int, int, int]] = set()
+            # position by position: the rows of one tensor stay in cache for all their pairs
+            by_pos: dict[int, list[tuple[int, int]]] = defaultdict(list)
             for bi in changed:
-                b = self.blocks[bi]
-                for t, p in enumerate(b.positions):
-                    G = self.tensor_grams[p]
+                for t, p in enumerate(self.blocks[bi].positions):
+                    by_pos[p].append((bi, t))
+            for p, mine in sorted(by_pos.items()):
+                G = self.tensor_grams[p]
+                done: set[int] = set()
+                for bi, t in mine:
+                    b = self.blocks[bi]
                     off_i = self.local[p][bi]
                     rows_i = slice(off_i, off_i + b.num_rows)
-                    op_i = b.operand(t)
                     for bj, off_j in self.local[p].items():
-                        if (min(bi, bj), max(bi, bj), p) in done:
+                        if bj in done:  # a changed block before this one: its pair is written
                             continue
-                        done.add((min(bi, bj), max(bi, bj), p))
                         bb = self.blocks[bj]
                         rows_j = slice(off_j, off_j + bb.num_rows)
                         if bj == bi:
                             block = own_grams(bi, t) if own_grams is not None else None
                             if block is None:
+                                op_i = b.operand(t)
                                 block = operand_inner(op_i, op_i)
                                 block = 0.5 * (block + block.T)
                         else:
-                            block = operand_inner(op_i, bb.operand(self.local_index[(bj, p)]))
+                            block = operand_inner(b.operand(t), bb.operand(self.local_index[(bj, p)]))
                         G[rows_i, rows_j] = block
                         G[rows_j, rows_i] = block.T
+                    done.add(bi)
             touched = set(changed)
             for comp in self._components:
                 if comp.blocks & touched:

@@ -324,3 +324,34 @@ def test_a_budgeted_conflict_objective_keeps_no_basis_row():
     _step(model, opt)
     _step(model, opt)
     assert b.version == 1 and b.rows_version == 1
+
+
+@pytest.mark.parametrize("decay,scale", [(0.5, 1.0), (0.9, 1.0), (0.0, 1.0), (0.5, 1e17)])
+def test_the_fisher_of_many_in_place_refreshes_is_the_online_average(decay, scale):
+    """In-place refreshes keep the Fisher's decay as a host factor, folded in when read and
+    before the stored entries could leave float32's range (``scale``: squares near 1e34)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    params = list(model.parameters())
+    x = torch.randn(5, 4)
+
+    def loss():
+        return scale * model(x).pow(2).mean()
+
+    opt = ProtectedOptimizer(torch.optim.SGD(params, lr=0.05), backend="torch")
+    obj = opt.protect("live", closure=loss, mode="conflict", refresh_every=1, fisher_decay=decay)
+    expected = obj.fisher.double().clone()
+    for i in range(130):
+        grad = torch.autograd.grad(loss(), params)
+        g = torch.cat([t.reshape(-1) for t in grad]).double()
+        opt.zero_grad()
+        model(torch.randn(5, 4)).pow(2).mean().backward()
+        opt.step()
+        if i > 0:  # the first step's refresh is not due (registered at step 0)
+            expected = decay * expected + (1 - decay) * g**2
+        if i % 40 == 3:  # reading the memory folds the factor in; later refreshes go on from there
+            torch.testing.assert_close(obj.fisher.double(), expected, rtol=1e-5, atol=0)
+    assert obj.version == 1 and obj.rows_version == 129
+    assert bool(torch.isfinite(obj.memory.fisher).all())
+    saved = opt.state_dict()["gradsafe"]["objectives"]["live"]["fisher"]
+    torch.testing.assert_close(saved.double(), expected, rtol=1e-5, atol=0)

@@ -169,19 +169,23 @@ def refreshes_in_place(memory: Memory, layout: ObjectiveLayout, config: "Objecti
 
 
 def refresh_in_place(
-    memory: Memory, layout: ObjectiveLayout, config: "ObjectiveConfig", grads: "Sequence[torch.Tensor | None]"
+    memory: Memory,
+    layout: ObjectiveLayout,
+    grads: "Sequence[torch.Tensor | None]",
+    fisher_keep: float,
+    fisher_new: float,
 ) -> Memory:
     """Refresh ``memory`` from one fresh gradient, in place (``refreshes_in_place`` holds):
     ``grads`` (one per covered tensor, None: 0) are written into the reference rows, and the
-    Fisher takes its online average with their squares. Returns the record, updated: the
-    same tensors (the caller checked that ``grads`` are finite).
+    Fisher becomes ``fisher_keep * fisher + fisher_new * g^2`` (the online average
+    ``d F + (1 - d) g^2``, or the objective's scaled form of it). Returns the record, updated:
+    the same tensors (the caller checked that ``grads`` are finite).
 
-    The same values as ``merge(memory, ..., fresh=True)`` of the packed gradient, without
-    packing it: each tensor is copied once, into its columns of the storage.
+    The rows get the values ``merge(memory, ..., fresh=True)`` of the packed gradient gives,
+    without packing it: each tensor is copied once, into its columns of the storage.
     """
     storage = memory.storage
     mean = storage[0]
-    decay = config.fisher_decay
     for t, (sl, fsl) in enumerate(zip(layout.columns(None).flat_slices(), layout.slices())):
         g = grads[layout.flat_index[t]]
         row = mean[sl]
@@ -190,7 +194,15 @@ def refresh_in_place(
         else:
             row.copy_(g.detach().reshape(-1))
         if memory.fisher is not None:  # while the tensor's columns are still in cache
-            memory.fisher[fsl].mul_(decay).addcmul_(row, row, value=1.0 - decay)
+            fisher = memory.fisher[fsl]
+            if fisher_keep == 0.0:
+                torch.mul(row, row, out=fisher)
+                if fisher_new != 1.0:
+                    fisher.mul_(fisher_new)
+                continue
+            if fisher_keep != 1.0:
+                fisher.mul_(fisher_keep)
+            fisher.addcmul_(row, row, value=fisher_new)
     if memory.has_samples:  # GEM: the one kept sample is the same gradient
         storage[1].copy_(mean)
     return memory if memory.num_samples == 1 else replace(memory, num_samples=1)
