@@ -302,12 +302,20 @@ class ProtectedObjective:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Tensors and plain values only (loadable with ``torch.load(weights_only=True)``)."""
+        """Tensors and plain values only (loadable with ``torch.load(weights_only=True)``).
+
+        The memory's tensors are the live ones (as in torch's optimizer state), except the
+        Fisher of an objective refreshed in place: later refreshes keep it in a scaled form,
+        so the state gets a copy of it.
+        """
+        memory = mem.memory_state(self.memory, self.layout)
+        if self.refreshes_in_place and memory["fisher"] is not None:
+            memory["fisher"] = memory["fisher"].clone()
         return {
             "config": asdict(self.config),
             "coverage": list(self.coverage),
             "shapes": [list(s) for s in self.shapes],
-            **mem.memory_state(self.memory, self.layout),
+            **memory,
             "num_refreshes": self.num_refreshes,
             "had_closure": self.closure is not None,
             **asdict(self.schedule),

@@ -355,3 +355,36 @@ def test_the_fisher_of_many_in_place_refreshes_is_the_online_average(decay, scal
     assert bool(torch.isfinite(obj.memory.fisher).all())
     saved = opt.state_dict()["gradsafe"]["objectives"]["live"]["fisher"]
     torch.testing.assert_close(saved.double(), expected, rtol=1e-5, atol=0)
+    opt.zero_grad()
+    model(torch.randn(5, 4)).pow(2).mean().backward()
+    opt.step()  # a later refresh leaves the saved Fisher as it was saved
+    torch.testing.assert_close(saved.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_a_compiled_step_sees_the_rows_refreshed_in_place():
+    """torch.compile must not bake the rule's numbers of the first step into its graph."""
+    import torch._dynamo as dynamo
+
+    def run(compiled: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+        xo = torch.randn(5, 4)
+        opt = ProtectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.3), backend="torch")
+        opt.protect("old", random_samples(model, 2, seed=3), mode="project", rank=2)
+        opt.protect("live", closure=lambda: model(xo).pow(2).mean(), mode="conflict", refresh_every=1)
+        opt.protect("gem", closure=lambda: model(xo).sin().sum(), mode="conflict", references="samples", refresh_every=1)
+        step = torch.compile(opt.step, backend="eager") if compiled else opt.step
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            opt.zero_grad()
+            (-model(torch.randn(5, 4, generator=gen)).pow(2).mean()).backward()
+            step()
+        assert opt.objectives["live"].rows_version == 4
+        return [p.detach().clone() for p in model.parameters()]
+
+    dynamo.reset()
+    try:
+        for a, b in zip(run(False), run(True)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    finally:
+        dynamo.reset()
