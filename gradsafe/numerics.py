@@ -23,6 +23,7 @@ __all__ = [
     "single_threaded_blas",
     "LowRankRow",
     "operand_rows",
+    "operand_inner",
     "operand_gram",
 ]
 
@@ -110,30 +111,42 @@ def operand_rows(op: torch.Tensor | LowRankRow) -> int:
     return 1 if isinstance(op, LowRankRow) else op.shape[0]
 
 
-def _inner(a: torch.Tensor | LowRankRow, b: torch.Tensor | LowRankRow) -> np.ndarray:
-    """Inner products between two operands: dense rows ``(r, n)`` or a ``LowRankRow`` (1 row)."""
+def operand_inner(a: torch.Tensor | LowRankRow, b: torch.Tensor | LowRankRow) -> np.ndarray:
+    """Inner products ``(rows of a, rows of b)`` between two operands on one tensor: dense rows
+    ``(r, n)`` or a ``LowRankRow`` (1 row); float64 on the host.
+
+    The sums accumulate in float32 (nothing parameter-sized is cast to float64): the rows
+    are float32, and the coefficients the rule combines them with come from float32 passes
+    of the same length, so float64 sums would not make the rule more accurate.
+    """
     if isinstance(a, LowRankRow) and isinstance(b, LowRankRow):
-        v = ((a.X.double().T @ b.X.double()) * (a.Y.double() @ b.Y.double().T)).sum()
+        v = ((a.X.T @ b.X) * (a.Y @ b.Y.T)).sum()
         return np.array([[float(v)]])
     if isinstance(a, LowRankRow):
-        return _inner(b, a).T
-    A = a.double()
+        return operand_inner(b, a).T
     if isinstance(b, LowRankRow):
         m, n = b.shape
         # <a_i, X Y> = sum((X^T a_i) * Y), batched over the rows of a
-        proj = torch.einsum("ms,rmn->rsn", b.X.double(), A.reshape(-1, m, n))
-        return (proj * b.Y.double()).sum(dim=(1, 2)).cpu().numpy()[:, None]
-    return (A @ b.double().T).cpu().numpy()
+        proj = torch.einsum("ms,rmn->rsn", b.X, a.reshape(-1, m, n))
+        return (proj * b.Y).sum(dim=(1, 2)).double().cpu().numpy()[:, None]
+    if a.shape[0] == 1:  # one row against several: a matrix-vector product reads each row once
+        return torch.mv(b, a[0]).double().cpu().numpy()[None, :]
+    if b.shape[0] == 1:
+        return torch.mv(a, b[0]).double().cpu().numpy()[:, None]
+    return (a @ b.T).double().cpu().numpy()
 
 
 def operand_gram(ops: list[torch.Tensor | LowRankRow]) -> np.ndarray:
-    """The Gram matrix (float64, host) of the stacked rows of several operands on one tensor."""
+    """The Gram matrix (float64, host; float32 sums, see ``operand_inner``) of the stacked rows
+    of several operands on one tensor."""
     sizes = [operand_rows(o) for o in ops]
     offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     G = np.zeros((offs[-1], offs[-1]))
     for i, a in enumerate(ops):
         for j in range(i, len(ops)):
-            block = _inner(a, ops[j])
+            block = operand_inner(a, ops[j])
+            if i == j:  # float32 products need not come out exactly symmetric
+                block = 0.5 * (block + block.T)
             G[offs[i] : offs[i + 1], offs[j] : offs[j + 1]] = block
             G[offs[j] : offs[j + 1], offs[i] : offs[i + 1]] = block.T
     return G

@@ -3,8 +3,11 @@
 ``ProtectedObjective`` is the handle the optimizer keeps per name. Its memory is a
 ``gradsafe.memory.Memory`` record that every update replaces (``add_samples``,
 ``refresh``, ``set_bases``, ``shard_to``, ``unshard``); ``version`` counts the
-replacements, so that a plan built on an older memory is rebuilt. The refresh schedule of
-a closure objective is a separate record (``gradsafe.refresh.RefreshState``).
+replacements, so that a plan built on an older memory is rebuilt. One update does not
+replace it: a live reference's refresh whose memory keeps its shape (``refresh_in_place``)
+writes the fresh gradient into the record's rows; ``rows_version`` counts those, so that a
+plan over the same rows updates only the numbers that depend on them. The refresh schedule
+of a closure objective is a separate record (``gradsafe.refresh.RefreshState``).
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import memory as mem
 from .factored import FactorMemory
+from .memory.merge import refresh_in_place, refreshes_in_place
 from .memory.state import MEMORY_KEYS, MEMORY_OPTIONAL_KEYS, StateDictError, check_int, check_layout
 from .operators.base import RowSpan
 from .operators.damping import keeps_fisher, normalized
@@ -55,12 +60,21 @@ class ProtectedObjective:
         self.name = name
         self.config = config
         self.layout = mem.ObjectiveLayout.of(coverage, shapes, factored=config.scope == "factored")
-        self.memory: mem.Memory = mem.EMPTY
+        self._memory: mem.Memory = mem.EMPTY
+        # In-place refreshes keep the Fisher's decay as a host factor: the record's fisher holds
+        # F / _fisher_scale, so that each refresh takes one pass over it (F += c g^2) instead
+        # of two (F = d F + (1 - d) g^2). Reading the memory folds the factor back in.
+        self._fisher_scale = 1.0
+        self._fisher_bound: float | None = None  # an upper bound of the Fisher's entries
         self.closure = closure
         self.had_closure = closure is not None
         self.param_bytes = 4 * self.layout.numel  # the covered parameters' own bytes (set by the optimizer)
         self.num_refreshes = 0
-        self.version = 0
+        self.version = 0  # memory records replaced: a plan over an older one is rebuilt
+        self.rows_version = 0  # rows rewritten in place: a plan over them updates its numbers
+        # per covered parameter index: the Gram of the rows the step reads, on that parameter,
+        # as of rows_version (known for free after an in-place refresh; empty otherwise)
+        self.row_grams: dict[int, np.ndarray] = {}
         self.schedule = RefreshState()
         # EWC's anchor theta*: per covered tensor (this rank's part when sharded), in the
         # parameter's own dtype; None unless the objective has an EWC penalty
@@ -90,7 +104,7 @@ class ProtectedObjective:
     @property
     def columns(self) -> mem.Columns:
         """The memory's column layout (this rank's part when sharded)."""
-        return self.layout.columns(self.memory.shard)
+        return self.layout.columns(self._memory.shard)
 
     @property
     def flat_numel(self) -> int:
@@ -126,47 +140,64 @@ class ProtectedObjective:
     # ------------------------------------------------------------------ memory (read)
     @property
     def basis(self) -> torch.Tensor | None:
-        return self.memory.basis
+        return self._memory.basis
 
     @property
     def mean_ref(self) -> torch.Tensor | None:
-        return self.memory.mean_ref
+        return self._memory.mean_ref
 
     @property
     def sample_refs(self) -> torch.Tensor | None:
-        return self.memory.sample_refs
+        return self._memory.sample_refs
 
     @property
     def energies(self) -> torch.Tensor | None:
-        return self.memory.energies
+        return self._memory.energies
 
     @property
     def fisher(self) -> torch.Tensor | None:
         return self.memory.fisher
 
     @property
+    def memory(self) -> mem.Memory:
+        """The memory record (its Fisher as the record says: a pending decay factor is folded in)."""
+        if self._fisher_scale != 1.0:
+            self._fold_fisher()
+        return self._memory
+
+    @memory.setter
+    def memory(self, memory: mem.Memory) -> None:
+        self._memory = memory
+        self._fisher_scale = 1.0
+        self._fisher_bound = None
+
+    def _fold_fisher(self) -> None:
+        self._memory.fisher.mul_(self._fisher_scale)
+        self._fisher_scale = 1.0
+
+    @property
     def fisher_mean(self) -> float | None:
-        return self.memory.fisher_mean
+        return self._memory.fisher_mean
 
     @property
     def factors(self) -> Mapping[int, FactorMemory]:
-        return self.memory.factors
+        return self._memory.factors
 
     @property
     def fixed_factors(self) -> frozenset[int]:
-        return self.memory.fixed_factors
+        return self._memory.fixed_factors
 
     @property
     def num_samples(self) -> int:
-        return self.memory.num_samples
+        return self._memory.num_samples
 
     @property
     def shard(self) -> ShardSpec | None:
-        return self.memory.shard
+        return self._memory.shard
 
     @property
     def _storage(self) -> torch.Tensor | None:
-        return self.memory.storage
+        return self._memory.storage
 
     def normalized_fisher(self) -> torch.Tensor:
         """The Fisher scaled to mean 1 over all covered entries (of all ranks when sharded)."""
@@ -182,10 +213,10 @@ class ProtectedObjective:
         references="samples", the kept samples.
         """
         span = self.row_span()
-        return self.memory.storage[span.start : span.stop], span.n_basis, span.n_mean, span.n_refs
+        return self._memory.storage[span.start : span.stop], span.n_basis, span.n_mean, span.n_refs
 
     def row_span(self) -> RowSpan:
-        m = self.memory
+        m = self._memory
         assert m.storage is not None, f"objective {self.name!r} has no memory yet"
         n_samples = 0 if m.sample_refs is None else m.sample_refs.shape[0]
         return self.config.operator.rows_read(self.config, m.n_basis, n_samples)
@@ -199,6 +230,7 @@ class ProtectedObjective:
         """
         self.memory = memory
         self.version += 1
+        self.row_grams = {}
 
     def add_samples(self, S: torch.Tensor) -> None:
         """Merge packed samples ``S`` (m, N) into the memory (basis union, running mean, online Fisher)."""
@@ -224,6 +256,49 @@ class ProtectedObjective:
             raise ValueError(f"objective {self.name!r}: fisher_diagonal must be finite and >= 0")
         self.replace_memory(replace(self.memory, fisher=fisher.to(torch.float32).contiguous(), fisher_fixed=True))
 
+    @property
+    def refreshes_in_place(self) -> bool:
+        """Whether ``refresh_in_place`` applies (``gradsafe.memory.merge.refreshes_in_place``)."""
+        return refreshes_in_place(self._memory, self.layout, self.config)
+
+    def refresh_in_place(self, grads: Sequence[torch.Tensor | None], norms2: np.ndarray) -> None:
+        """Refresh from one fresh gradient by writing it into the memory's rows (same record).
+
+        ``grads``: per covered tensor (coverage order), None for 0; ``norms2``: their squared
+        norms, which the caller computed while checking that they are finite (the plan takes
+        its Gram of these rows from them). Bumps ``rows_version``, not ``version``.
+        """
+        memory = self._memory
+        keep, new = self._fisher_weights(memory.fisher, float(norms2.max(initial=0.0)))
+        self._memory = refresh_in_place(memory, self.layout, grads, keep, new)
+        span = self.row_span()
+        ones = np.ones((span.stop - span.start,) * 2)  # every row read is a copy of the gradient
+        self.row_grams = {i: float(n) * ones for i, n in zip(self.coverage, norms2)}
+        self.rows_version += 1
+        self.num_refreshes += 1
+
+    def _fisher_weights(self, fisher: torch.Tensor | None, largest_square: float) -> tuple[float, float]:
+        """``(keep, new)`` such that ``fisher <- keep * fisher + new * g^2`` is this refresh's
+        online average ``F <- d F + (1 - d) g^2`` in the stored, scaled form ``F = scale * fisher``.
+
+        The scale shrinks by ``d`` per refresh (``keep = 1``: one pass); it is folded back in
+        (``keep = scale * d``: two passes, as without it) before the stored entries could
+        leave float32's range, which an upper bound of the entries kept on the host tells.
+        """
+        d = self.config.fisher_decay
+        if fisher is None or self.config.ewc > 0:  # EWC's Fisher is the task's: a refresh leaves it
+            return 1.0, 0.0
+        if self._fisher_bound is None:
+            self._fisher_bound = float(fisher.max()) if fisher.numel() else 0.0
+        # every entry of g^2 is at most its tensor's squared norm
+        self._fisher_bound = d * self._fisher_bound + (1.0 - d) * largest_square
+        scale = self._fisher_scale * d
+        if d == 0.0 or scale < 1e-30 or self._fisher_bound > 1e37 * scale:
+            keep, self._fisher_scale = self._fisher_scale * d, 1.0
+            return keep, 1.0 - d
+        self._fisher_scale = scale
+        return 1.0, (1.0 - d) / scale
+
     def _merged(self, S: torch.Tensor, fresh: bool, consolidate_gamma: float | None = None) -> mem.Memory:
         mem.check_packed(S, self.numel, self.name)
         return mem.merge(self.memory, self.layout, self.config, S, fresh=fresh, param_bytes=self.param_bytes,
@@ -246,12 +321,20 @@ class ProtectedObjective:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Tensors and plain values only (loadable with ``torch.load(weights_only=True)``)."""
+        """Tensors and plain values only (loadable with ``torch.load(weights_only=True)``).
+
+        The memory's tensors are the live ones (as in torch's optimizer state), except the
+        Fisher of an objective refreshed in place: later refreshes keep it in a scaled form,
+        so the state gets a copy of it.
+        """
+        memory = mem.memory_state(self.memory, self.layout)
+        if self.refreshes_in_place and memory["fisher"] is not None:
+            memory["fisher"] = memory["fisher"].clone()
         return {
             "config": asdict(self.config),
             "coverage": list(self.coverage),
             "shapes": [list(s) for s in self.shapes],
-            **mem.memory_state(self.memory, self.layout),
+            **memory,
             "num_refreshes": self.num_refreshes,
             "had_closure": self.closure is not None,
             **asdict(self.schedule),

@@ -9,7 +9,9 @@ to run a step without looking at objectives again:
   then one ``||h_t||^2`` per covered tensor) and of the weights it reads back (the same
   per-block matrices);
 - the per-tensor damping factors ``1 / (1 + sum_o lam_o F_hat_o)``;
-- the host rule (``gradsafe.rule.HostRule``), with its Gram matrices precomputed;
+- the host rule (``gradsafe.rule.HostRule``), with its Gram matrices precomputed (and updated
+  in place, ``Plan.update_rows``, when an objective's rows are rewritten without a change
+  of shape: a live reference's refresh);
 - the factored operators (``gradsafe.factored.FactorOp``), one per matrix that a
   factored project objective covers, applied before the rule (docs/math.md section 7).
 
@@ -18,7 +20,7 @@ Kernels know nothing of objectives: a backend reads only this.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -136,9 +138,11 @@ class Plan:
     device: torch.device
     factor_ops: list[FactorOp] = field(default_factory=list)
     shard: ShardSpec | None = None  # FSDP2: coefficients are partial sums, all-reduced per step
-    versions: tuple[int, ...] = field(default_factory=tuple)
+    versions: tuple[int, ...] = field(default_factory=tuple)  # the objectives' memory versions (structure)
+    rows_versions: tuple[int, ...] = field(default_factory=tuple)  # and their in-place row rewrites
     active: frozenset[int] = frozenset()
-    cache: dict = field(default_factory=dict)  # backends keep per-plan views and uploads here
+    # backends keep per-plan views and uploads here; the report its constants ("report")
+    cache: dict = field(default_factory=dict)
 
     @property
     def num_tensors(self) -> int:
@@ -152,6 +156,32 @@ class Plan:
     def has_factored(self) -> bool:
         """Whether the plan has factored parts (operators or low-rank rows): torch backend only."""
         return bool(self.factor_ops) or any(b.kind != "flat" for b in self.blocks)
+
+    def update_rows(self, changed: Collection[int], own_grams: Mapping[tuple[str, int], np.ndarray] | None = None) -> None:
+        """Blocks ``changed`` read rows that were rewritten in place (same storage, same shape):
+        update the numbers that depend on them, and nothing else.
+
+        The blocks' views already see the new rows. The rule updates their entries of its
+        tensor Grams and the matrices of their components (``HostRule.update_rows``); the
+        report's constants, if built, their entries (``ReportConstants.update``). Backends'
+        entries of ``cache`` are dropped: views are cheap to rebuild, uploads of the rule's
+        matrices (the kernels' tables) are stale. ``own_grams``: per (objective name, parameter
+        index), the Gram of a changed block's own rows on it, when the caller knows it (a refresh that
+        wrote one gradient into every row it reads knows its norms). Unsharded plans only.
+        """
+        if self.shard is not None:
+            raise ValueError("a sharded plan's Grams are summed across ranks: rebuild it instead")
+        hint = None
+        if own_grams:
+            def hint(bi: int, t: int) -> np.ndarray | None:
+                b = self.blocks[bi]
+                return own_grams.get((b.name, self.param_indices[b.positions[t]]))
+        self.rule.update_rows(changed, hint)
+        report = self.cache.get("report")
+        self.cache.clear()
+        if report is not None:
+            report.update(self, changed)
+            self.cache["report"] = report
 
 
 def build_plan(
@@ -168,6 +198,7 @@ def build_plan(
     active = set(range(len(params))) if active is None else set(active)
     # an objective with no memory (an EWC penalty alone) has no part in the surgery
     versions = tuple(o.version for o in objectives)
+    rows_versions = tuple(o.rows_version for o in objectives)
     objectives = [o for o in objectives if o.memory.storage is not None or o.memory.factors]
     covered = sorted({i for o in objectives for i in o.coverage if i in active})
     pos_of = {i: p for p, i in enumerate(covered)}
@@ -242,6 +273,7 @@ def build_plan(
         rule=rule,
         device=device,
         versions=versions,
+        rows_versions=rows_versions,
         active=frozenset(active),
     )
 

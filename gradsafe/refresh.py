@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .samples import pack_samples
+from .samples import pack_samples, sample_norms2
 
 if TYPE_CHECKING:  # pragma: no cover
     from .objective import ProtectedObjective
@@ -133,10 +133,14 @@ def is_due(refresh_every: int | str | None, step: int, last_refresh: int, last_c
 def refresh_due(
     objectives: Iterable["ProtectedObjective"], params: list[torch.Tensor], step: int, auto_check_every: int
 ) -> bool:
-    """Recompute the memory of every closure objective that is due; True if any changed.
+    """Recompute the memory of every closure objective that is due; True if a memory record
+    was replaced (a plan over it is rebuilt).
 
-    A due objective without its closure (closures are not saved in state dicts) is an
-    error that says how to give it back.
+    A refresh whose memory keeps its shape (a live conflict reference) writes the fresh
+    gradient into the rows in place (``ProtectedObjective.refresh_in_place``) and returns
+    False for it: the plan sees the new ``rows_version`` and updates only its numbers that
+    depend on those rows. A due objective without its closure (closures are not saved in
+    state dicts) is an error that says how to give it back.
     """
     changed = False
     for obj in objectives:
@@ -162,19 +166,30 @@ def refresh_due(
         # the memory's layout is fixed at registration: keep covered entries (0 where the
         # loss no longer reaches one), drop parameters the loss reaches only now
         covered = set(obj.coverage)
-        sample = [
-            (fresh[i] if fresh[i] is not None else torch.zeros_like(params[i])) if i in covered else None
-            for i in range(len(params))
-        ]
+        sample = [fresh[i] if i in covered else None for i in range(len(params))]
+        if obj.refreshes_in_place:
+            # checked on its norms first (nothing written yet), then written into the rows
+            norms2 = sample_norms2(sample, params, name, obj.coverage)
+            sched.restart(step, loss)
+            if not norms2.any():
+                _warn_zero(name, step)
+                continue
+            obj.refresh_in_place([sample[i] for i in obj.coverage], norms2)
+            continue
+        sample = [s if s is not None or i not in covered else torch.zeros_like(params[i]) for i, s in enumerate(sample)]
         _, S = pack_samples([sample], params, name, coverage=obj.coverage, allow_zero=True)
         sched.restart(step, loss)
         if not bool(S.any()):
-            warnings.warn(
-                f"the protected gradient of {name!r} is exactly zero at step {step}; keeping the previous memory",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            _warn_zero(name, step)
             continue
         obj.refresh(S)
         changed = True
     return changed
+
+
+def _warn_zero(name: str, step: int) -> None:
+    warnings.warn(
+        f"the protected gradient of {name!r} is exactly zero at step {step}; keeping the previous memory",
+        RuntimeWarning,
+        stacklevel=5,
+    )

@@ -1,5 +1,7 @@
 """The optimizer's objectives by name, built from samples, closures or bases, and the plan
-compiled from them (cached until an objective's memory or the parameters change)."""
+compiled from them (cached until an objective's memory or the parameters change; rows
+rewritten in place, a live reference's refresh, only update the plan's numbers that depend
+on them)."""
 
 from __future__ import annotations
 
@@ -184,6 +186,21 @@ class ObjectiveRegistry:
                             f"but the optimizer's parameter {i} is {got}"
                         )
             plan = self._build(objs, params, active)
+        elif plan.rows_versions != tuple(o.rows_version for o in objs):
+            plan = self._update(plan, objs, params, active)
+        return plan
+
+    @torch.compiler.disable
+    def _update(self, plan: Plan, objs: list[ProtectedObjective], params: list[torch.Tensor], active: frozenset[int]) -> Plan:
+        """Objectives whose rows were rewritten in place (same shape): update the plan's numbers
+        that depend on those rows only (a sharded plan is rebuilt)."""
+        if plan.shard is not None:
+            return self._build(objs, params, active)
+        stale = {o.name: o for o, seen in zip(objs, plan.rows_versions) if o.rows_version != seen}
+        changed = [bi for bi, b in enumerate(plan.blocks) if b.name in stale]
+        own = {(name, i): g for name, o in stale.items() for i, g in o.row_grams.items()}
+        plan.update_rows(changed, own)
+        plan.rows_versions = tuple(o.rows_version for o in objs)
         return plan
 
     @torch.compiler.disable

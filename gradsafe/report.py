@@ -8,13 +8,14 @@ Formulas: docs/monitor.md.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .factored import STAT_BOTH, STAT_DOT, STAT_DOT_AFTER, STAT_LEFT, STAT_RIGHT
-from .numerics import PINV_RTOL, LowRankRow, operand_gram
+from .numerics import PINV_RTOL, LowRankRow, operand_gram, operand_inner
 from .sharding import all_reduce_arrays
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,7 +30,13 @@ PER_TENSOR_STATS = ("cosine", "energy_removed", "predicted_change")
 
 @dataclass
 class ReportConstants:
-    """Per plan: |r_mean|^2 per block and tensor, constraint Gram inverses, cross Grams."""
+    """Per plan: |r_mean|^2 per block and tensor, constraint Gram inverses, cross Grams.
+
+    An acting block's rows are in the rule's tensor Grams, so its numbers are read from
+    them; only blocks that do not act (observe, factored statistics) take a pass over their
+    rows. ``update`` redoes what involves blocks whose rows were rewritten in place
+    (``Plan.update_rows``).
+    """
 
     mean_norm2: list[np.ndarray]  # per block: |r_mean restricted to tensor t|^2, (T_b,)
     constraint_pinv: list[np.ndarray | None]  # per block: (1 or T_b, m, m)
@@ -40,39 +47,120 @@ class ReportConstants:
         cached = plan.cache.get("report")
         if cached is not None:
             return cached
-        rule = plan.rule
-        mean_norm2, constraint_grams, cross = [], [], []
-        for bi, b in enumerate(plan.blocks):
-            means = [b.mean_operand(t) for t in range(b.num_tensors)]
-            mean_norm2.append(np.array([float(operand_gram([m])[0, 0]) for m in means]))
-            cons = b.constraint_rows()
-            if cons:
-                grams = []
-                for t in range(b.num_tensors):
-                    op = b.operand(t)
-                    grams.append(operand_gram([op if isinstance(op, LowRankRow) else op[cons]]))
-                constraint_grams.append(np.stack([sum(grams)]) if b.scope == "global" else np.stack(grams))
-            else:
-                constraint_grams.append(None)
-            per_tensor = []
-            for t, p in enumerate(b.positions):
-                acting = [plan.blocks[bj].operand(rule.local_index[(bj, p)]) for bj, _ in plan.touching[p] if bj in rule.local[p]]
-                if acting:
-                    G = operand_gram(acting + [means[t]])
-                    per_tensor.append(G[:-1, -1])
-                else:
-                    per_tensor.append(np.zeros(0))
-            cross.append(per_tensor)
-        if plan.shard is not None:  # every entry is a sum over entries: add the ranks' parts
-            flat = mean_norm2 + [g for g in constraint_grams if g is not None] + [c for per in cross for c in per]
-            flat = all_reduce_arrays(flat, plan.shard)
-            nb = len(mean_norm2)
-            mean_norm2, rest = flat[:nb], iter(flat[nb:])
-            constraint_grams = [None if g is None else next(rest) for g in constraint_grams]
-            cross = [[next(rest) for _ in per] for per in cross]
-        constraint_pinv = [None if g is None else np.linalg.pinv(g, rcond=PINV_RTOL, hermitian=True) for g in constraint_grams]
-        consts = plan.cache["report"] = cls(mean_norm2, constraint_pinv, cross)
+        n = len(plan.blocks)
+        consts = cls([np.zeros(0)] * n, [None] * n, [[] for _ in range(n)])
+        parts = [_Parts.of(plan, bi) for bi in range(n)]
+        if plan.shard is not None:
+            # the rule's tensor Grams are already summed across ranks; what a pass over this
+            # rank's rows gave is summed here, once
+            local = [a for part in parts for a in part.local()]
+            if local:
+                summed = iter(all_reduce_arrays(local, plan.shard))
+                for part in parts:
+                    part.replace_local(summed)
+        for bi, part in enumerate(parts):
+            consts._put(bi, part, plan.blocks[bi].scope)
+        plan.cache["report"] = consts
         return consts
+
+    def update(self, plan: "Plan", changed: Collection[int]) -> None:
+        """Blocks ``changed`` have new rows (same storage and shape) and the rule's Grams are
+        updated: redo their numbers, and the other blocks' cross Grams with their rows.
+
+        Unsharded plans only (a sharded plan is rebuilt instead).
+        """
+        assert plan.shard is None, "a sharded plan is rebuilt, not updated"
+        changed = set(changed)
+        rule = plan.rule
+        for bi in sorted(changed):
+            self._put(bi, _Parts.of(plan, bi), plan.blocks[bi].scope)
+        acting = {bi for bi in changed if plan.blocks[bi].acts}
+        positions = {p for bi in acting for p in plan.blocks[bi].positions}
+        for bj, b in enumerate(plan.blocks):
+            if bj in changed:
+                continue
+            for t, p in enumerate(b.positions):
+                if p not in positions:
+                    continue
+                if b.acts:
+                    self.cross[bj][t] = _gram_column(plan, bj, p)
+                    continue
+                mean = b.mean_operand(t)
+                for bi in acting & set(rule.local[p]):
+                    off = rule.local[p][bi]
+                    op = plan.blocks[bi].operand(rule.local_index[(bi, p)])
+                    self.cross[bj][t][off : off + plan.blocks[bi].num_rows] = operand_inner(op, mean)[:, 0]
+
+    def _put(self, bi: int, part: "_Parts", scope: str) -> None:
+        self.mean_norm2[bi] = part.mean_norm2
+        self.cross[bi] = part.cross
+        if not part.cons:
+            self.constraint_pinv[bi] = None
+            return
+        grams = np.stack([sum(part.cons)]) if scope == "global" else np.stack(part.cons)
+        if grams.shape[-1] == 1:  # one constraint (A-GEM): 1 / |r|^2, or 0 for a zero reference
+            self.constraint_pinv[bi] = np.divide(1.0, grams, out=np.zeros_like(grams), where=grams > 0)
+        else:
+            self.constraint_pinv[bi] = np.linalg.pinv(grams, rcond=PINV_RTOL, hermitian=True)
+
+
+def _gram_column(plan: "Plan", bi: int, p: int) -> np.ndarray:
+    """An acting block's mean reference against every acting row on position ``p``: a column of
+    the rule's tensor Gram."""
+    rule = plan.rule
+    b = plan.blocks[bi]
+    mean = 0 if b.operands is not None else b.mean_row()
+    return rule.tensor_grams[p][:, rule.local[p][bi] + mean].copy()
+
+
+@dataclass
+class _Parts:
+    """One block's report numbers: |r_mean|^2 per tensor, its constraint Grams per tensor, its
+    cross Grams per tensor; ``from_rows``: computed by a pass over this rank's rows (a block
+    that does not act), not read from the rule's Grams."""
+
+    mean_norm2: np.ndarray
+    cons: list[np.ndarray]
+    cross: list[np.ndarray]
+    from_rows: bool
+
+    @classmethod
+    def of(cls, plan: "Plan", bi: int) -> "_Parts":
+        rule = plan.rule
+        b = plan.blocks[bi]
+        cons = b.constraint_rows()
+        if b.acts:
+            mean = 0 if b.operands is not None else b.mean_row()
+            norms, grams = np.empty(b.num_tensors), []
+            contiguous = bool(cons) and list(cons) == list(range(cons[0], cons[-1] + 1))
+            for t, p in enumerate(b.positions):
+                off = rule.local[p][bi]
+                G = rule.tensor_grams[p]
+                norms[t] = G[off + mean, off + mean]
+                if cons:
+                    grams.append(G[off + cons[0] : off + cons[-1] + 1, off + cons[0] : off + cons[-1] + 1]
+                                 if contiguous else G[np.ix_([off + c for c in cons], [off + c for c in cons])])
+            return cls(norms, grams, [_gram_column(plan, bi, p) for p in b.positions], False)
+        means = [b.mean_operand(t) for t in range(b.num_tensors)]
+        norms = np.array([float(operand_inner(m, m)[0, 0]) for m in means])
+        grams = []
+        for t in range(b.num_tensors) if cons else ():
+            op = b.operand(t)
+            grams.append(operand_gram([op if isinstance(op, LowRankRow) else op[cons]]))
+        cross = []
+        for t, p in enumerate(b.positions):
+            acting = [plan.blocks[bj].operand(rule.local_index[(bj, p)]) for bj in rule.local[p]]
+            cross.append(np.concatenate([operand_inner(op, means[t])[:, 0] for op in acting]) if acting else np.zeros(0))
+        return cls(norms, grams, cross, True)
+
+    def local(self) -> list[np.ndarray]:
+        return [self.mean_norm2, *self.cons, *self.cross] if self.from_rows else []
+
+    def replace_local(self, summed) -> None:
+        if self.from_rows:
+            self.mean_norm2 = next(summed)
+            self.cons = [next(summed) for _ in self.cons]
+            self.cross = [next(summed) for _ in self.cross]
 
 
 def _alignment_cross(plan: "Plan") -> list[np.ndarray]:

@@ -14,18 +14,20 @@ and ``||h_t||^2``), the rule returns the weights ``w`` such that the surgery's r
 Columns are grouped into independent components (columns whose supports share no tensor
 never interact); components of the same shape are solved as one batch. Everything that
 does not depend on the gradient (Grams, pseudo-inverses, Schur complements) is computed
-once, when the plan is built.
+once, when the plan is built; when an objective's rows are rewritten in place (a live
+reference refreshed), ``HostRule.update_rows`` recomputes only what depends on them.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .numerics import PINV_RTOL, operand_gram, single_threaded_blas
+from .numerics import PINV_RTOL, operand_gram, operand_inner, single_threaded_blas
 from .qp import solve_nonneg_qp_batch
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,6 +66,26 @@ def equilibrated_pinv(K: np.ndarray) -> np.ndarray:
     return inner * scale[:, None] * scale[None, :]
 
 
+@dataclass
+class _Component:
+    """One independent part of the rule: its columns (basis first), where its Gram's entries
+    come from, and where its matrices sit in ``HostRule.batches``."""
+
+    A: list[int]
+    R: list[int]
+    by_pos: dict[int, tuple[np.ndarray, np.ndarray]]  # position -> flat indices: into G, into M_p
+    blocks: frozenset[int]  # blocks with a column here
+    a_blocks: frozenset[int]  # blocks with a basis column here
+    batch: int = 0  # its entry of HostRule.batches
+    slot: int = 0  # and its index there
+
+
+def _flat_index(ii: list[int], ll: list[int], n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The entries ``G[ii, ii]`` and ``M[ll, ll]`` (``G`` n x n, ``M`` m x m) as flat indices."""
+    i, l = np.asarray(ii), np.asarray(ll)
+    return (i[:, None] * n + i[None, :]).reshape(-1), (l[:, None] * m + l[None, :]).reshape(-1)
+
+
 class HostRule:
     """Precomputed structure of the joint rule for one plan."""
 
@@ -85,15 +107,13 @@ class HostRule:
             for t, p in enumerate(b.positions):
                 self.local_index[(bi, p)] = t
         for p in range(num_pos):
-            parts, offsets, off = [], {}, 0
+            offsets, off = {}, 0
             for bi, _ in touching[p]:
-                b = blocks[bi]
-                if not b.acts:
-                    continue
-                offsets[bi] = off
-                off += b.num_rows
-                parts.append(b.operand(self.local_index[(bi, p)]))
+                if blocks[bi].acts:
+                    offsets[bi] = off
+                    off += blocks[bi].num_rows
             self.local.append(offsets)
+            parts = [blocks[bi].operand(self.local_index[(bi, p)]) for bi in offsets]
             self.tensor_grams.append(operand_gram(parts) if parts else np.zeros((0, 0)))
         if reduce is not None:
             self.tensor_grams = reduce(self.tensor_grams)
@@ -112,9 +132,10 @@ class HostRule:
                     z += seg.size(b.num_tensors)
         self.num_columns = z
 
-        # column -> (kind, penalty, positions with their row offset in M_p)
+        # column -> (kind, penalty, block, positions with their row offset in M_p)
         col_kind = np.empty(z, dtype="<U1")
         col_pen = np.zeros(z)
+        col_block = np.zeros(z, dtype=np.int64)
         col_touch: list[list[tuple[int, int]]] = [[] for _ in range(z)]
         for seg in self.segments:
             b = blocks[seg.block]
@@ -126,8 +147,10 @@ class HostRule:
                 for r in seg.rows:
                     col_kind[c] = seg.kind
                     col_pen[c] = pen if pen.ndim == 0 else pen[r] if pen.ndim == 1 else pen[tensors[0], r]
+                    col_block[c] = seg.block
                     col_touch[c] = [(b.positions[t], self.local[b.positions[t]][seg.block] + r) for t in tensors]
                     c += 1
+        self._col_pen = col_pen
 
         # ---- independent components: union-find over tensor positions
         parent = list(range(num_pos))
@@ -146,34 +169,104 @@ class HostRule:
             comp_cols[find(touches[0][0])].append(c)
 
         # ---- per component: Gram, pseudo-inverse, Schur complement; batched by shape
-        batches: dict[tuple[int, int], list[tuple]] = defaultdict(list)
+        self._components: list[_Component] = []
+        by_shape: dict[tuple[int, int], list[tuple]] = defaultdict(list)
         for cols in comp_cols.values():
             A = [c for c in cols if col_kind[c] == "A"]
             R = [c for c in cols if col_kind[c] == "R"]
-            order = A + R
-            idx = {c: i for i, c in enumerate(order)}
-            G = np.zeros((len(order), len(order)))
-            by_pos: dict[int, list[tuple[int, int]]] = defaultdict(list)
-            for c in order:
+            entries: dict[int, list[tuple[int, int]]] = defaultdict(list)
+            for i, c in enumerate(A + R):
                 for p, loc in col_touch[c]:
-                    by_pos[p].append((idx[c], loc))
-            for p, entries in by_pos.items():
-                ii = [i for i, _ in entries]
-                ll = [loc for _, loc in entries]
-                G[np.ix_(ii, ii)] += self.tensor_grams[p][np.ix_(ll, ll)]
-            nA = len(A)
-            K = G[:nA, :nA] + np.diag(col_pen[A])
-            K_pinv = equilibrated_pinv(K) if nA else np.zeros((0, 0))
-            G_AR = G[:nA, nA:]
-            P2 = K_pinv @ G_AR
-            H = G[nA:, nA:] - G_AR.T @ P2
-            ref_norms2 = np.diag(G[nA:, nA:]).copy()
-            batches[(nA, len(R))].append((A, R, K_pinv, P2, H, ref_norms2))
+                    entries[p].append((i, loc))
+            comp = _Component(
+                A, R,
+                by_pos={p: _flat_index([i for i, _ in e], [loc for _, loc in e], len(cols), self.tensor_grams[p].shape[0])
+                        for p, e in entries.items()},
+                blocks=frozenset(int(col_block[c]) for c in cols),
+                a_blocks=frozenset(int(col_block[c]) for c in A),
+            )
+            group = by_shape[(len(A), len(R))]
+            comp.slot = len(group)
+            group.append((A, R, *self._matrices(comp)))
+            self._components.append(comp)
         # one entry per shape: (idxA (B, nA), idxR (B, nR), K^+, P2, H, ref_norms2 (B, nR))
-        self.batches = [
-            tuple(np.asarray([item[j] for item in items], dtype=np.int64 if j < 2 else np.float64) for j in range(6)) for items in batches.values()
-        ]
+        self.batches = []
+        for key, items in by_shape.items():
+            for comp in self._components:
+                if (len(comp.A), len(comp.R)) == key:
+                    comp.batch = len(self.batches)
+            self.batches.append(
+                tuple(np.asarray([item[j] for item in items], dtype=np.int64 if j < 2 else np.float64) for j in range(6))
+            )
         self.weight_numel = blocks[-1].coef_offset + blocks[-1].coef_numel if blocks else 0
+
+    def _matrices(self, comp: _Component, K_pinv: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """A component's ``(K^+, P2, H, ref_norms2)`` from the tensor Grams (``K_pinv``: reuse it,
+        when the basis columns' Gram did not change)."""
+        A = comp.A
+        nA = len(A)
+        G = np.zeros((nA + len(comp.R),) * 2)
+        flat = G.reshape(-1)
+        for p, (dst, src) in comp.by_pos.items():
+            flat[dst] += self.tensor_grams[p].reshape(-1)[src]  # no index repeats within a position
+        if K_pinv is None:
+            K = G[:nA, :nA] + np.diag(self._col_pen[A])
+            K_pinv = equilibrated_pinv(K) if nA else np.zeros((0, 0))
+        G_AR = G[:nA, nA:]
+        P2 = K_pinv @ G_AR
+        H = G[nA:, nA:] - G_AR.T @ P2
+        ref_norms2 = np.diag(G[nA:, nA:]).copy()
+        return K_pinv, P2, H, ref_norms2
+
+    # ------------------------------------------------------------------ rows rewritten in place
+    def update_rows(self, changed: Collection[int], own_grams: Callable[[int, int], np.ndarray | None] | None = None) -> None:
+        """Blocks ``changed`` have new values in the same rows (same storage, same shape).
+
+        Only what depends on their rows is recomputed: their entries of the tensor Grams (their
+        inner products with every acting row on the same tensors; ``own_grams(block, t)``, when
+        it returns a matrix, gives a block's Gram of its own rows on its ``t``-th tensor, which
+        the caller may know for free) and the matrices of the components they have columns in
+        (host algebra, ``K^+`` kept when their basis columns did not change). The other blocks'
+        Grams among themselves are not touched.
+        """
+        changed = sorted({bi for bi in changed if self.blocks[bi].acts})
+        if not changed:
+            return
+        with single_threaded_blas():
+            # position by position: the rows of one tensor stay in cache for all their pairs
+            by_pos: dict[int, list[tuple[int, int]]] = defaultdict(list)
+            for bi in changed:
+                for t, p in enumerate(self.blocks[bi].positions):
+                    by_pos[p].append((bi, t))
+            for p, mine in sorted(by_pos.items()):
+                G = self.tensor_grams[p]
+                done: set[int] = set()
+                for bi, t in mine:
+                    b = self.blocks[bi]
+                    off_i = self.local[p][bi]
+                    rows_i = slice(off_i, off_i + b.num_rows)
+                    for bj, off_j in self.local[p].items():
+                        if bj in done:  # a changed block before this one: its pair is written
+                            continue
+                        bb = self.blocks[bj]
+                        rows_j = slice(off_j, off_j + bb.num_rows)
+                        if bj == bi:
+                            block = own_grams(bi, t) if own_grams is not None else None
+                            if block is None:
+                                op_i = b.operand(t)
+                                block = operand_inner(op_i, op_i)
+                                block = 0.5 * (block + block.T)
+                        else:
+                            block = operand_inner(b.operand(t), bb.operand(self.local_index[(bj, p)]))
+                        G[rows_i, rows_j] = block
+                        G[rows_j, rows_i] = block.T
+                    done.add(bi)
+            touched = set(changed)
+            for comp in self._components:
+                if comp.blocks & touched:
+                    keep = None if comp.a_blocks & touched else self.batches[comp.batch][2][comp.slot]
+                    for j, m in enumerate(self._matrices(comp, keep)):
+                        self.batches[comp.batch][2 + j][comp.slot] = m
 
     # ------------------------------------------------------------------ per step
     def block_coefs(self, coefs: np.ndarray, bi: int) -> np.ndarray:

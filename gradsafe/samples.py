@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from .activations import ActivationBases
@@ -12,7 +13,7 @@ from .factored import FactorMemory, matrix_shape
 from .factored import from_bases as factor_from_bases
 from .sharding import full, is_dtensor
 
-__all__ = ["Sample", "normalize_samples", "pack_samples", "bases_by_index"]
+__all__ = ["Sample", "normalize_samples", "pack_samples", "sample_norms2", "bases_by_index"]
 
 Sample = Sequence["torch.Tensor | None"]
 
@@ -49,18 +50,13 @@ def normalize_samples(value: Any, name: str) -> list[list[torch.Tensor | None]]:
     return samples
 
 
-def pack_samples(
+def _validate(
     samples: list[list[torch.Tensor | None]],
     params: Sequence[torch.Tensor],
     name: str,
-    coverage: Sequence[int] | None = None,
-    allow_zero: bool = False,
-) -> tuple[tuple[int, ...], torch.Tensor]:
-    """Validate samples against the parameters and pack them into an ``(m, N)`` fp32 matrix.
-
-    The coverage (parameter indices) is the union of parameters any sample gives a gradient
-    for, unless ``coverage`` fixes it; a covered parameter missing from a sample counts as 0.
-    """
+    coverage: Sequence[int] | None,
+) -> tuple[tuple[int, ...], torch.device]:
+    """Check samples against the parameters; the coverage and the covered parameters' device."""
     for si, sample in enumerate(samples):
         # FSDP2 gradients (DTensors) are gathered whole: memory is merged whole on every rank
         sample[:] = [full(t) if is_dtensor(t) else t for t in sample]
@@ -102,7 +98,51 @@ def pack_samples(
     devices = {params[i].device for i in coverage}
     if len(devices) > 1:
         raise ValueError(f"objective {name!r} covers parameters on several devices {devices}; not supported")
-    device = devices.pop()
+    return coverage, devices.pop()
+
+
+_SQUARE_MAX = 1.8446743e19  # the largest float32 whose square is finite
+
+
+def _check_norms(norms2: torch.Tensor, values: Callable[[], list[torch.Tensor]], name: str, fisher_later: bool) -> None:
+    """Refuse non-finite samples, seen from their squared norms (float32 sums, computed anyway):
+    a norm is finite exactly when every entry is, unless the sum itself overflowed.
+
+    An entry whose square overflows makes the Fisher diagonal overflow: ``fisher_later``
+    leaves that to the merge, which says so; otherwise it is said here, in the same words.
+    """
+    if bool(torch.isfinite(norms2).all()):
+        return
+    vals = values()
+    if not all(bool(torch.isfinite(v).all()) for v in vals):
+        raise ValueError(f"protected gradients for objective {name!r} contain inf or nan")
+    largest = max(float(v.abs().max()) for v in vals if v.numel())
+    if largest > _SQUARE_MAX:
+        if fisher_later:
+            return
+        raise ValueError(
+            f"objective {name!r}: the Fisher diagonal overflowed float32 (the largest protected gradient entry is "
+            f"{largest:.3g}; its square must stay below 3.4e38): scale the protected loss down"
+        )
+    raise ValueError(
+        f"objective {name!r}: the squared norm of its protected gradient overflowed float32 (the largest "
+        f"entry is {largest:.3g}): scale the protected loss down"
+    )
+
+
+def pack_samples(
+    samples: list[list[torch.Tensor | None]],
+    params: Sequence[torch.Tensor],
+    name: str,
+    coverage: Sequence[int] | None = None,
+    allow_zero: bool = False,
+) -> tuple[tuple[int, ...], torch.Tensor]:
+    """Validate samples against the parameters and pack them into an ``(m, N)`` fp32 matrix.
+
+    The coverage (parameter indices) is the union of parameters any sample gives a gradient
+    for, unless ``coverage`` fixes it; a covered parameter missing from a sample counts as 0.
+    """
+    coverage, device = _validate(samples, params, name, coverage)
     n_total = sum(params[i].numel() for i in coverage)
     S = torch.zeros(len(samples), n_total, dtype=torch.float32, device=device)
     for si, sample in enumerate(samples):
@@ -112,13 +152,27 @@ def pack_samples(
             if sample[i] is not None:
                 S[si, off : off + n] = sample[i].detach().reshape(-1).to(device=device, dtype=torch.float32)
             off += n
-    if not bool(torch.isfinite(S).all()):
-        raise ValueError(f"protected gradients for objective {name!r} contain inf or nan")
-    norms = S.norm(dim=1)
-    if not allow_zero and bool((norms == 0).any()):
-        bad = int(torch.nonzero(norms == 0)[0])
+    norms2 = torch.linalg.vecdot(S, S)
+    _check_norms(norms2, lambda: [S], name, fisher_later=True)
+    if not allow_zero and bool((norms2 == 0).any()):
+        bad = int(torch.nonzero(norms2 == 0)[0])
         raise ValueError(f"sample {bad} of objective {name!r} has zero norm over the parameters it covers")
     return coverage, S
+
+
+def sample_norms2(sample: list[torch.Tensor | None], params: Sequence[torch.Tensor], name: str, coverage: Sequence[int]) -> np.ndarray:
+    """Validate one sample against the parameters; its squared norm on each covered parameter.
+
+    Float32 sums, float64 on the host (one transfer). Non-finite entries are refused with the
+    same error as ``pack_samples``, before anything is written anywhere: a live reference's
+    refresh checks the gradient this way and then writes it into the memory's rows in place.
+    """
+    coverage, device = _validate([sample], params, name, coverage)
+    flat = [None if sample[i] is None else sample[i].detach().reshape(-1).to(device=device, dtype=torch.float32) for i in coverage]
+    sums = [torch.dot(g, g) if g is not None else torch.zeros((), device=device) for g in flat]
+    norms2 = torch.stack(sums)
+    _check_norms(norms2, lambda: [g for g in flat if g is not None], name, fisher_later=False)
+    return norms2.double().cpu().numpy()
 
 
 def bases_by_index(bases: Any, params: list[torch.Tensor], name: str) -> dict[int, FactorMemory]:

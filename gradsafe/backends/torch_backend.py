@@ -128,6 +128,8 @@ class TorchBackend:
                 weights = np.where(finite, weights, 0.0)
             W = torch.from_numpy(weights.astype(np.float32)).to(plan.device)
             for pos, rows_t, live in views.apply:
+                if not compiling and not weights[live].any():
+                    continue  # adding zero (a conflict constraint that holds): skip the pass
                 if isinstance(rows_t, LowRankRow):
                     rows_t.add_to(work[pos].view(rows_t.shape), W[live])
                 else:

@@ -141,8 +141,9 @@ def apply_budget(memory: Memory, layout: ObjectiveLayout, config: "ObjectiveConf
     budget = budget_bytes(config, param_bytes)
     flat_numel = layout.columns(memory.shard).flat_numel
     refs = 1 + (0 if memory.sample_refs is None else memory.sample_refs.shape[0])
-    # the flat row storage always holds at least one basis row
-    fixed = _F32 * flat_numel * (refs + 1) + (_F32 * layout.numel if memory.fisher is not None else 0)
+    # the flat row storage holds at least one basis row, unless the objective keeps none
+    basis_row = 1 if memory.n_basis else 0
+    fixed = _F32 * flat_numel * (refs + basis_row) + (_F32 * layout.numel if memory.fisher is not None else 0)
     if fixed > budget:
         raise ValueError(
             f"objective {name!r}: memory_budget of {budget} bytes is below its fixed memory "
@@ -196,6 +197,8 @@ def _truncated(memory: Memory, flat_numel: int, keep: dict[tuple, int]) -> Memor
     if not flat_numel:
         return replace(memory, factors=factors)
     k = keep[("F",)]
+    if k == 0 and memory.n_basis == 0:  # an objective that keeps no basis (conflict)
+        return replace(memory, factors=factors)
     if k == 0:  # the row storage always has a basis row: keep one zero row
         basis = memory.basis.new_zeros(1, flat_numel)
         energies = memory.energies.new_zeros(memory.energies.shape[:-1] + (1,))

@@ -4,13 +4,17 @@ What each part is and how it grows belongs to its operator: the basis to the pro
 (``operators.projection.merge_flat_basis``), the references to the conflict projection
 (``operators.conflict.merge_references``), the Fisher to damping
 (``operators.damping.merge_fisher``), factored bases to the factored scope
-(``factored.merge_factors``). Every objective keeps all of them: the monitor reports every
-objective's subspace energy and cosine, whatever its mode.
+(``factored.merge_factors``). Every objective keeps references and (flat scopes) a Fisher;
+a basis only if its step reads one (``reads_basis``): the monitor's subspace energy of a
+conflict objective comes from its constraint rows.
+
+One exception to "a new record": ``refresh_in_place``, a live reference's refresh whose
+memory keeps its shape, writes the fresh gradient into the record's rows (and Fisher).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -28,14 +32,32 @@ from .shard import shard, unshard
 if TYPE_CHECKING:  # pragma: no cover
     from ..options import ObjectiveConfig
 
-__all__ = ["merge", "from_bases", "check_packed"]
+__all__ = ["merge", "from_bases", "check_packed", "all_finite", "reads_basis", "refreshes_in_place", "refresh_in_place"]
 
 
 def check_packed(S: torch.Tensor, numel: int, name: str) -> None:
     if S.ndim != 2 or S.shape[1] != numel:
         raise ValueError(f"objective {name!r}: packed samples must be (m, {numel}), got {tuple(S.shape)}")
-    if not bool(torch.isfinite(S).all()):
+    if not all_finite(S):
         raise ValueError(f"protected gradients for objective {name!r} contain inf or nan")
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry is finite: one min/max pass (NaN propagates through both), which
+    is many times cheaper on the CPU than ``isfinite(x).all()``."""
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def reads_basis(config: "ObjectiveConfig") -> bool:
+    """Whether the objective's step reads its flat basis (its operator's ``rows_read``).
+
+    One that does not (the conflict projection: only its references) keeps a rank-0 basis:
+    nothing else reads it (its report's subspace energy comes from its constraint rows).
+    """
+    return config.operator.rows_read(config, 1, 0).n_basis > 0
 
 
 def merge(
@@ -87,15 +109,19 @@ def _merge_whole(
             )
     F = layout.flat_part(S)
     old = memory.storage is not None and not fresh
-    basis, energies = merge_flat_basis(
-        memory.basis if old else None,
-        memory.energies if old else None,
-        F,
-        layout.columns(None).flat_slices(),
-        per_tensor=config.scope != "global",
-        rank=config.rank,
-        energy=config.energy,
-    )
+    if reads_basis(config):
+        basis, energies = merge_flat_basis(
+            memory.basis if old else None,
+            memory.energies if old else None,
+            F,
+            layout.columns(None).flat_slices(),
+            per_tensor=config.scope != "global",
+            rank=config.rank,
+            energy=config.energy,
+        )
+    else:
+        basis = F.new_zeros(0, F.shape[1])
+        energies = F.new_zeros(0) if config.scope == "global" else F.new_zeros(len(layout.flat_index), 0)
     mean_ref, sample_refs, num_samples = merge_references(
         memory.mean_ref if old else None,
         memory.sample_refs if old else None,
@@ -133,11 +159,67 @@ def _check_finite(memory: Memory, S: torch.Tensor, name: str) -> None:
             [x.reshape(-1) for x in (fm.left, fm.right, fm.ref_left, fm.ref_right)]
         )
     for what, x in parts.items():
-        if x is not None and not bool(torch.isfinite(x).all()):
+        if x is not None and not all_finite(x):
             raise ValueError(
                 f"objective {name!r}: {what} overflowed float32 (the largest protected gradient entry is "
                 f"{float(S.abs().max()):.3g}; its square must stay below 3.4e38): scale the protected loss down"
             )
+
+
+def refreshes_in_place(memory: Memory, layout: ObjectiveLayout, config: "ObjectiveConfig") -> bool:
+    """Whether a refresh from one fresh gradient can write it into ``memory``'s rows in place.
+
+    So it can when the merge would give a memory of the same shape whose rows are copies of
+    the gradient: flat memory, unsharded, no basis (the operator reads none), the references
+    of one sample (``[mean]``, or ``[mean; sample]`` with references="samples" and a rank of
+    at least 1), and no damping (the step reads no Fisher, so only the rows change).
+    """
+    if memory.storage is None or memory.shard is not None or memory.factors or config.scope == "factored":
+        return False
+    if reads_basis(config) or memory.n_basis != 0 or config.damping > 0:
+        return False
+    kept = min(1, config.rank) if config.references == "samples" else 0
+    return memory.storage.shape[0] == 1 + kept and memory.has_samples == (config.references == "samples")
+
+
+def refresh_in_place(
+    memory: Memory,
+    layout: ObjectiveLayout,
+    grads: "Sequence[torch.Tensor | None]",
+    fisher_keep: float,
+    fisher_new: float,
+) -> Memory:
+    """Refresh ``memory`` from one fresh gradient, in place (``refreshes_in_place`` holds):
+    ``grads`` (one per covered tensor, None: 0) are written into the reference rows, and the
+    Fisher becomes ``fisher_keep * fisher + fisher_new * g^2`` (the online average
+    ``d F + (1 - d) g^2``, or the objective's scaled form of it). Returns the record, updated:
+    the same tensors (the caller checked that ``grads`` are finite).
+
+    The rows get the values ``merge(memory, ..., fresh=True)`` of the packed gradient gives,
+    without packing it: each tensor is copied once, into its columns of the storage.
+    """
+    storage = memory.storage
+    mean = storage[0]
+    for t, (sl, fsl) in enumerate(zip(layout.columns(None).flat_slices(), layout.slices())):
+        g = grads[layout.flat_index[t]]
+        row = mean[sl]
+        if g is None:
+            row.zero_()
+        else:
+            row.copy_(g.detach().reshape(-1))
+        if memory.fisher is not None and not (fisher_keep == 1.0 and fisher_new == 0.0):  # while in cache
+            fisher = memory.fisher[fsl]
+            if fisher_keep == 0.0:
+                torch.mul(row, row, out=fisher)
+                if fisher_new != 1.0:
+                    fisher.mul_(fisher_new)
+                continue
+            if fisher_keep != 1.0:
+                fisher.mul_(fisher_keep)
+            fisher.addcmul_(row, row, value=fisher_new)
+    if memory.has_samples:  # GEM: the one kept sample is the same gradient
+        storage[1].copy_(mean)
+    return memory if memory.num_samples == 1 else replace(memory, num_samples=1)
 
 
 def from_bases(
