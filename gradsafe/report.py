@@ -163,27 +163,28 @@ class _Parts:
             self.cross = [next(summed) for _ in self.cross]
 
 
-def _alignment_cross(plan: "Plan") -> list[np.ndarray]:
+def _alignment_cross(plan: "Plan", consts: ReportConstants) -> list[np.ndarray]:
     """Per block and tensor: ``sum_o rho_o <r_o, r_mean>`` on the tensor over the blocks ``o``
-    with a SafeGrad term (``rho > 0``): what those terms add to ``<r_mean, x_t>``."""
-    cached = plan.cache.get("report_alignment")
-    if cached is not None:
-        return cached
-    out = []
-    for b in plan.blocks:
-        per_tensor = np.zeros(b.num_tensors)
-        for t, p in enumerate(b.positions):
-            mine = b.mean_operand(t)
-            for bo, _ in plan.touching[p]:
-                other = plan.blocks[bo]
-                if other.rho > 0:
-                    t_o = other.positions.index(p)
-                    per_tensor[t] += other.rho * float(operand_gram([mine, other.mean_operand(t_o)])[0, 1])
-        out.append(per_tensor)
-    if plan.shard is not None:
-        out = all_reduce_arrays(out, plan.shard)
-    plan.cache["report_alignment"] = out
-    return out
+    with a SafeGrad term (``rho > 0``): what those terms add to ``<r_mean, x_t>``.
+
+    A block's own term is its ``|r_mean|^2`` (known); only pairs of different blocks on a
+    tensor need an inner product (cached with the plan, dropped when its rows change)."""
+    cross = plan.cache.get("report_alignment")
+    if cross is None:
+        cross = []
+        for bi, b in enumerate(plan.blocks):
+            per_tensor = np.zeros(b.num_tensors)
+            for t, p in enumerate(b.positions):
+                for bo, _ in plan.touching[p]:
+                    other = plan.blocks[bo]
+                    if other.rho > 0 and bo != bi:
+                        mine, theirs = b.mean_operand(t), other.mean_operand(other.positions.index(p))
+                        per_tensor[t] += other.rho * float(operand_gram([mine, theirs])[0, 1])
+            cross.append(per_tensor)
+        if plan.shard is not None:
+            cross = all_reduce_arrays(cross, plan.shard)
+        plan.cache["report_alignment"] = cross
+    return [c + b.rho * consts.mean_norm2[bi] for bi, (b, c) in enumerate(zip(plan.blocks, cross))]
 
 
 def _tensor_weights(plan: "Plan", weights: np.ndarray, p: int) -> np.ndarray:
@@ -247,7 +248,7 @@ def step_report(
     joint_removed = float(removed.sum()) / hh_all if hh_all > 0 else 0.0
     sums: dict[str, _Sums] = {}
     extra: dict[str, dict[str, float]] = {}
-    aligned = _alignment_cross(plan) if alignment_after and any(b.rho > 0 for b in plan.blocks) else None
+    aligned = _alignment_cross(plan, consts) if alignment_after and any(b.rho > 0 for b in plan.blocks) else None
     for bi, b in enumerate(plan.blocks):
         C = plan.rule.block_coefs(coefs, bi)
         hh_t = hh[b.positions]

@@ -56,6 +56,8 @@ def test_safegrad_step_by_step(rho, space):
         opt.step()
         for p, q in zip(params, twin_params):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+        if space == "grad":  # the monitor's first-order change includes the rho r term
+            assert opt.report["align"]["predicted_change"] == pytest.approx(float(-lr * r @ x), rel=1e-4, abs=1e-9)
     assert conflicts > 0  # the check exercised the projection
 
 
