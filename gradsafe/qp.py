@@ -156,7 +156,8 @@ def _primal_dual_active_set(
     """
     m = q.shape[0]
     free = guess
-    last_ok: tuple[np.ndarray, np.ndarray] | None = None  # (indices, multipliers)
+    last_ok: tuple[np.ndarray, np.ndarray] | None = None  # (indices, positive multipliers)
+    first_positive: np.ndarray | None = None  # the first solve's positive part, if none is
     fewest_wrong, patience = m + 1, _PDAS_PATIENCE
     for _ in range(_PDAS_ROUNDS):
         idx = np.flatnonzero(free)
@@ -170,14 +171,13 @@ def _primal_dual_active_set(
         lam[idx] = z
         if _min(z) > 0:
             last_ok = (idx, z)
+        elif first_positive is None:
+            first_positive = idx[z > 0]
         w = -(H @ lam + q)
         new_free = (lam > 0) | (~free & (w > tol))
         wrong = int(np.count_nonzero(new_free != free))
         if wrong == 0:
             return True, idx, z
-        if last_ok is None:
-            # keep the positive part of the first solve as a fallback start
-            last_ok = _drop_nonpositive(H, q, idx[z > 0])
         if wrong < fewest_wrong:
             fewest_wrong, patience = wrong, _PDAS_PATIENCE
         else:
@@ -186,7 +186,9 @@ def _primal_dual_active_set(
                 break
         free = new_free
     if last_ok is None:
-        return False, np.zeros(0, dtype=np.intp), np.zeros(0)
+        if first_positive is None:
+            return False, np.zeros(0, dtype=np.intp), np.zeros(0)
+        last_ok = _drop_nonpositive(H, q, first_positive)
     return False, last_ok[0], last_ok[1]
 
 
@@ -223,6 +225,7 @@ def _lawson_hanson(
     w = fs.gradient()  # -(H lam + q), -inf where a constraint is free or blocked
     w[free] = -np.inf
     z_S = np.empty(m)
+    step_buf = np.empty(m)
     exact = True
     for _ in range(max_iter):
         k = fs.k
@@ -247,8 +250,8 @@ def _lawson_hanson(
             continue
         u = ell @ Fk  # H_SS^{-1} H[S, j]
         z_j = w_j / d
-        z = np.multiply(u, -z_j, out=z_S[:k])
-        z += fs.lam[:k]
+        step = np.multiply(u, z_j, out=step_buf[:k])
+        z = np.subtract(fs.lam[:k], step, out=z_S[:k])
         if k and _min(z) <= 0:
             if fs.exchange(j, free, blocked):
                 blocked[:] = False  # dependent on the old free set, maybe not on the new one
@@ -256,12 +259,10 @@ def _lawson_hanson(
             w[free | blocked] = -np.inf
             exact = True
             continue
-        # w_new = w - z_j (H[:, j] - H[:, S] u): zero on S and at j, up to rounding
-        v = u @ rows[:k]
-        v -= H[j]
-        v *= z_j
-        w += v
         fs.append(j, u, d)
+        # w_new = w - z_j (H[:, j] - H[:, S] u): zero on S and at j, up to rounding
+        step_buf[k] = -z_j
+        w += step_buf[: k + 1] @ rows[: k + 1]
         z_S[k] = z_j
         fs.lam, z_S = z_S, fs.lam  # the new multipliers; the old buffer is scratch
         free[j] = True
