@@ -26,6 +26,8 @@ large each reference is), in two stages:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -307,7 +309,7 @@ class _FreeSet:
         ``F' = [[F, 0], [u^T / sqrt(d), -1 / sqrt(d)]]`` gives ``F'^T F'`` the bordered inverse.
         """
         k = self.k
-        root = np.sqrt(d)
+        root = math.sqrt(d)
         np.multiply(u, 1.0 / root, out=self.F[k, :k])
         self.F[k, k] = -1.0 / root
         self.order[k] = j
@@ -330,11 +332,12 @@ class _FreeSet:
             self.order[p] = self.order[last]
             self.rows[p] = self.rows[last]
             lam[p] = lam[last]
-        c[last] += np.copysign(np.sqrt(c @ c), c[last])
+        c_last = float(c[last])
+        c[last] = c_last + math.copysign(math.sqrt(float(c @ c)), c_last)
         cc = float(c @ c)
         if cc > 0 and last:
             F_rest = F[:k, :last]
-            F_rest -= np.outer(c * (2.0 / cc), c @ F_rest)
+            F_rest -= (c * (2.0 / cc))[:, None] * (c @ F_rest)
         F[last, :k] = 0.0
         F[:k, last] = 0.0
         self.k = last
@@ -370,12 +373,12 @@ class _FreeSet:
         shrunk = False
         while _min(z) <= 0:
             shrunk = True
-            bad = np.flatnonzero(z <= 0)
+            bad = (z <= 0).nonzero()[0]
             ratios = lam[bad] / (lam[bad] - z[bad])
-            first = int(np.argmin(ratios))
+            first = int(ratios.argmin())
             lam += float(ratios[first]) * (z - lam)
             lam[bad[first]] = 0.0
-            for p in np.flatnonzero(lam <= 0)[::-1]:
+            for p in (lam <= 0).nonzero()[0][::-1]:
                 free[self.order[p]] = False
                 self.drop(int(p), lam)
             lam = lam[: self.k]
