@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,19 +146,37 @@ def test_batch_of_small_problems(benchmark):
     benchmark(solve_nonneg_qp_batch, H, q, np.diagonal(H, axis1=1, axis2=2))
 
 
-def interleaved(problems: list[Problem], solvers: list[str], rounds: int) -> dict[str, tuple[float, float]]:
-    """Median over rounds of (wall, CPU) milliseconds per solve; solvers alternate within a round."""
-    wall: dict[str, list[float]] = {s: [] for s in solvers}
-    cpu: dict[str, list[float]] = {s: [] for s in solvers}
-    for s in solvers:  # warm-up
-        solve_all(problems[:1], s)
+def interleaved(cases: dict[str, Callable[[], None]], solves: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median over rounds of (wall, CPU) milliseconds per solve; the cases alternate within a round."""
+    wall: dict[str, list[float]] = {s: [] for s in cases}
+    cpu: dict[str, list[float]] = {s: [] for s in cases}
+    for fn in cases.values():  # warm-up
+        fn()
     for _ in range(rounds):
-        for s in solvers:
+        for s, fn in cases.items():
             t0, c0 = time.perf_counter(), time.thread_time()
-            solve_all(problems, s)
-            wall[s].append((time.perf_counter() - t0) * 1e3 / len(problems))
-            cpu[s].append((time.thread_time() - c0) * 1e3 / len(problems))
-    return {s: (float(np.median(wall[s])), float(np.median(cpu[s]))) for s in solvers}
+            fn()
+            wall[s].append((time.perf_counter() - t0) * 1e3 / solves)
+            cpu[s].append((time.thread_time() - c0) * 1e3 / solves)
+    return {s: (float(np.median(wall[s])), float(np.median(cpu[s]))) for s in cases}
+
+
+def batch_cases(problems: list[Problem]) -> dict[str, Callable[[], None]]:
+    """The batch entry point on many small problems (as the rule calls it in tensor scope)."""
+    H = np.stack([p.H for p in problems])
+    q = np.stack([p.q for p in problems])
+    norms2 = np.stack([p.norms2 for p in problems])
+    warm = np.stack([p.warm for p in problems])
+
+    def previous() -> None:
+        for b in range(len(problems)):
+            previous_solve_nonneg_qp(H[b], q[b], norms2[b])
+
+    return {
+        "previous": previous,
+        "current": lambda: solve_nonneg_qp_batch(H, q, norms2),
+        "warm": lambda: solve_nonneg_qp_batch(H, q, norms2, warm_start=warm),
+    }
 
 
 def test_qp_table():
@@ -169,9 +188,17 @@ def test_qp_table():
         f"{'m':>4} {'n':>4}  {'previous ms':>16}  {'current ms':>16}  {'warm start ms':>16}  {'prev/current':>12}",
         "                 (wall / cpu)      (wall / cpu)      (wall / cpu)       (wall)",
     ]
+
+    def row(label: str, t: dict[str, tuple[float, float]]) -> str:
+        cells = "  ".join(f"{t[s][0]:7.3f} / {t[s][1]:6.3f}" for s in solvers)
+        return f"{label}  {cells}  {t['previous'][0] / t['current'][0]:11.1f}x"
+
     with single_threaded_blas():
         for m, n in CASES:
-            t = interleaved(gem_problems(m, n), solvers, ROUNDS)
-            cells = "  ".join(f"{t[s][0]:7.3f} / {t[s][1]:6.3f}" for s in solvers)
-            lines.append(f"{m:4d} {n:4d}  {cells}  {t['previous'][0] / t['current'][0]:11.1f}x")
+            problems = gem_problems(m, n)
+            cases = {s: (lambda s=s: solve_all(problems, s)) for s in solvers}
+            lines.append(row(f"{m:4d} {n:4d}", interleaved(cases, len(problems), ROUNDS)))
+        small = gem_problems(4, 8, count=64)
+        lines.append(row("   4    8", interleaved(batch_cases(small), len(small), ROUNDS)))
+    lines.append("last row: solve_nonneg_qp_batch on 64 problems (previous: its loop of single solves), ms per problem")
     print("\n" + "\n".join(lines), flush=True)

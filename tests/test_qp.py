@@ -278,6 +278,29 @@ def test_tiny_orthogonal_reference_keeps_its_constraint_through_the_optimizer(dt
     assert torch.allclose(step, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), rtol=0, atol=1e-6)
 
 
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_rescaling_one_objective_leaves_the_step_unchanged(seed):
+    """Through the optimizer (float32 memory, the host rule): one of three conflict objectives'
+    reference scaled by 10^k, k = -12..12, gives the same step (to float32 rounding)."""
+    gen = torch.Generator().manual_seed(seed)
+    refs = torch.randn(3, 6, generator=gen)
+    grad = torch.randn(6, generator=gen)
+
+    def step(scale: float) -> torch.Tensor:
+        param = torch.nn.Parameter(torch.zeros(6))
+        opt = ProtectedOptimizer(torch.optim.SGD([param], lr=1.0))
+        for name, r, c in zip("abc", refs, (1.0, scale, 1.0)):
+            opt.protect(name, [r * c], mode="conflict")
+        param.grad = grad.clone()
+        opt.step()
+        return -param.detach().double()
+
+    base = step(1.0)
+    for k in range(-12, 13):
+        assert torch.allclose(step(10.0**k), base, rtol=0, atol=1e-5 * float(grad.norm())), k
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), m=st.integers(2, 8), extra=st.integers(-1, 4))
 def test_rescaling_one_reference_leaves_the_projection_unchanged(seed, m, extra):
