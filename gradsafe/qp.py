@@ -255,7 +255,7 @@ def _lawson_hanson(
         step = np.multiply(u, z_j, out=step_buf[:k])
         z = np.subtract(fs.lam[:k], step, out=z_S[:k])
         if k and _min(z) <= 0:
-            if fs.exchange(j, free, blocked):
+            if fs.exchange(j, u, d, np.append(z, z_j), free, blocked):
                 blocked[:] = False  # dependent on the old free set, maybe not on the new one
             w = fs.gradient()
             w[free | blocked] = -np.inf
@@ -352,24 +352,16 @@ class _FreeSet:
         k = self.k
         return -(self.lam[:k] @ self.rows[:k] + self.q) if k else -self.q
 
-    def exchange(self, j: int, free: np.ndarray, blocked: np.ndarray) -> bool:
-        """Lawson-Hanson's step for constraint ``j``: add it, step back from the least-squares
-        solution until a multiplier reaches zero, drop it, until all are positive. Updates
-        ``free``; returns whether a reference left the set."""
-        ell = self.F[: self.k, : self.k] @ self.rows[: self.k, j]
-        d = float(self.diag[j] - ell @ ell)
-        if d <= NULL_RTOL:
-            blocked[j] = True
-            return False
-        self.append(j, ell @ self.F[: self.k, : self.k], d)
+    def exchange(
+        self, j: int, u: np.ndarray, d: float, z: np.ndarray, free: np.ndarray, blocked: np.ndarray
+    ) -> bool:
+        """Lawson-Hanson's step for constraint ``j`` (``u``, ``d`` as for ``append``; ``z`` the
+        least-squares multipliers on the set with j, j last): add it, step back from z until a
+        multiplier reaches zero, drop it, re-solve, until all are positive. Updates ``free``;
+        returns whether a reference left the set."""
+        self.append(j, u, d)
         lam = np.zeros(self.k)
         lam[:-1] = self.lam[: self.k - 1]
-        z = self.least_squares()
-        if z[-1] <= 0:
-            # a newcomer always comes out positive in exact arithmetic: w_j was rounding
-            blocked[j] = True
-            self.drop(self.k - 1, lam)
-            return False
         shrunk = False
         while _min(z) <= 0:
             shrunk = True
