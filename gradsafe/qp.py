@@ -121,11 +121,10 @@ def _solve_unit(H: np.ndarray, q: np.ndarray, start: np.ndarray | None, max_iter
     tol = KKT_RTOL * q_max
     if m == 1:
         return np.maximum(-q, 0.0) / H[0, 0]
-    guess = (q < -tol) if start is None else start.copy()
-    if not guess.any():
-        guess = q < -tol
-        if not guess.any():
-            return np.zeros(m)  # lam = 0 satisfies KKT: no constraint is violated
+    violated = q < -tol
+    if not violated.any():
+        return np.zeros(m)  # lam = 0 satisfies KKT: no constraint is violated
+    guess = violated if start is None or not start.any() else start.copy()
     done, free, lam_free = _primal_dual_active_set(H, q, guess, tol)
     lam = np.zeros(m)
     if done:
@@ -144,7 +143,7 @@ def _factor_ok(H_SS: np.ndarray) -> np.ndarray | None:
         C = np.linalg.cholesky(H_SS)
     except np.linalg.LinAlgError:
         return None
-    return C if float(np.min(np.diagonal(C))) ** 2 > NULL_RTOL else None
+    return C if float(_min(np.diagonal(C))) ** 2 > NULL_RTOL else None
 
 
 def _primal_dual_active_set(
@@ -159,7 +158,7 @@ def _primal_dual_active_set(
     m = q.shape[0]
     free = guess
     last_ok: tuple[np.ndarray, np.ndarray] | None = None  # (indices, positive multipliers)
-    first_positive: np.ndarray | None = None  # the first solve's positive part, if none is
+    first_positive: np.ndarray | None = None  # the fallback when no round is feasible
     fewest_wrong, patience = m + 1, _PDAS_PATIENCE
     for _ in range(_PDAS_ROUNDS):
         idx = np.flatnonzero(free)
