@@ -38,7 +38,8 @@ PINV_RTOL = 1e-6
 # multiplier is fixed at 0 instead of being the ratio of two noises.
 DEGENERATE = 1e-10
 
-# Eigenvalues of a QP's H below this fraction of the largest span its (numerical) null space.
+# In a QP on unit references, a reference whose squared part independent of the free ones
+# is at most this counts as dependent on them (H's numerical null space).
 NULL_RTOL = 1e-12
 
 

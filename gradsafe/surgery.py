@@ -67,12 +67,15 @@ def conflict_project(g: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """The closest ``g'`` to ``g`` with ``<g', r_j> >= 0`` for every row r_j of ``R``.
 
     GEM's quadratic program, solved through its dual on the m x m Gram matrix. With one
-    reference this is A-GEM / SafeGrad: ``g - min(<g, r>, 0) / <r, r> * r``.
+    reference this is A-GEM / SafeGrad: ``g - min(<g, r>, 0) / <r, r> * r``. Rescaling a
+    reference does not change the result, however small it is against the others.
     """
     R64 = R.double().reshape(-1, g.numel())
     g64 = g.double()
     gram = R64 @ R64.T
-    lam = solve_nonneg_qp(gram.cpu().numpy(), (R64 @ g64).cpu().numpy())
+    gram_np = gram.cpu().numpy()
+    # each reference's squared norm is its own diagonal entry of the Gram matrix
+    lam = solve_nonneg_qp(gram_np, (R64 @ g64).cpu().numpy(), gram_np.diagonal().copy())
     lam_t = torch.as_tensor(lam, dtype=torch.float64, device=g.device)
     return (g64 + R64.T @ lam_t).to(g.dtype)
 
