@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from .numerics import PINV_RTOL, operand_gram, operand_inner, single_threaded_blas
 from .qp import solve_nonneg_qp_batch
@@ -190,6 +191,7 @@ class HostRule:
             group.append((A, R, *self._matrices(comp)))
             self._components.append(comp)
         # one entry per shape: (idxA (B, nA), idxR (B, nR), K^+, P2, H, ref_norms2 (B, nR))
+        self._binding: dict[int, np.ndarray] = {}  # per batch: the last solve's binding constraints
         self.batches = []
         for key, items in by_shape.items():
             for comp in self._components:
@@ -283,13 +285,19 @@ class HostRule:
             part = C.reshape(-1) if seg.per_tensor else C.sum(axis=0)
             z[seg.z_offset : seg.z_offset + part.size] = part
         w = np.zeros(self.num_columns)
-        for idxA, idxR, K_pinv, P2, H, ref_norms2 in self.batches:
+        compiling = torch.compiler.is_compiling()
+        for k, (idxA, idxR, K_pinv, P2, H, ref_norms2) in enumerate(self.batches):
             a = z[idxA]  # (B, nA)
             b = z[idxR]  # (B, nR)
             mu = np.einsum("bij,bj->bi", K_pinv, a)
             if idxR.shape[1]:
                 q = b - np.einsum("bji,bj->bi", P2, a)
-                lam = solve_nonneg_qp_batch(H, q, ref_norms2)
+                # the last step's binding constraints start the active set: between steps
+                # the gradient moves a little and the binding set rarely changes
+                warm = None if compiling or idxR.shape[1] == 1 else self._binding.get(k)
+                lam = solve_nonneg_qp_batch(H, q, ref_norms2, warm_start=warm)
+                if not compiling and idxR.shape[1] > 1:
+                    self._binding[k] = lam > 0
                 mu = mu + np.einsum("bij,bj->bi", P2, lam)
                 w[idxR] = lam
             w[idxA] = -mu
