@@ -3,7 +3,8 @@
 - ``flat``: the global and tensor scopes (naive loop, torch / Triton backends, AdamW step,
   bytes floor), and the GPU ``--sweep``;
 - ``factored``: ``--scope factored``, the two-sided projection of the factored scope;
-- ``common``: what both share (interleaved timing, device choice, printing).
+- ``common``: what both share (interleaved timing, device choice, printing);
+- ``live``: ``--live``, live conflict references against the hand-written A-GEM and GEM loops.
 
 This module holds the command line: ``add_arguments`` and ``run`` (used by ``gradsafe
 bench``) and ``main`` (``python -m gradsafe.bench``).
@@ -19,6 +20,7 @@ from ..backends import BACKENDS
 from .common import pick_device
 from .factored import run_factored
 from .flat import run_flat
+from .live import PROBLEMS, run_live
 
 __all__ = ["add_arguments", "run", "main"]
 
@@ -45,6 +47,15 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _problems(text: str) -> tuple[str, ...]:
+    """An argparse type: a comma-separated list of ``--live`` problems (``mlp512,gpt2``)."""
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [x for x in names if x not in PROBLEMS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated problems of {','.join(PROBLEMS)}, got {text!r}")
+    return names
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``gradsafe bench``."""
     parser.add_argument("--numel", type=positive_int, default=None, help="parameters in all (default 10M on CPU, 32M on GPU)")
@@ -68,10 +79,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ks", type=_ints, default=(1, 4, 16, 64), help="sweep: ranks (default 1,4,16,64)")
     parser.add_argument("--tensor-counts", type=_ints, default=(1, 200, 500), help="sweep: tensor counts")
     parser.add_argument("--out", default=None, help="also write the table to this file")
+    parser.add_argument("--live", action="store_true",
+                        help="a live conflict closure (refresh_every=1) against the hand-written A-GEM and GEM "
+                             "loops; --rounds: repeats (default 5, 2 with --quick)")
+    parser.add_argument("--problems", type=_problems, default=None,
+                        help=f"--live: comma-separated problems of {','.join(PROBLEMS)} (default all)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="--live: steps per timed repeat (default 20, 2 with --quick)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """``gradsafe bench``: the factored table for ``--scope factored``, else the flat ones; returns the exit code.
+    """``gradsafe bench``: the live table for ``--live``, the factored one for ``--scope factored``, else the
+    flat ones; returns the exit code.
 
     The device, the option combination and ``--out`` are checked first: a ``UserError`` (one
     line, exit code 2) before anything is timed.
@@ -85,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--out {args.out} is a folder; give a file name")
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise UserError(f"--out {args.out}: the folder {folder} does not exist or is not writable")
+    if args.live:
+        if args.sweep or args.scope == "factored":
+            raise UserError("--live is a table of its own; give it without --sweep and --scope factored")
+        return run_live(args)
     if args.scope == "factored":
         return run_factored(args)
     return run_flat(args)
