@@ -10,7 +10,18 @@ import torch
 
 from gradsafe._optional import MissingDependency
 from gradsafe.backends.torch_backend import TorchBackend
-from gradsafe.bench.flat import format_sweep, make_problem, naive_bases, naive_step, surgery_floor_bytes, sweep
+from gradsafe.bench.flat import (
+    FLOOR,
+    TABLE_LEGEND,
+    floor_case,
+    format_sweep,
+    format_table,
+    make_problem,
+    naive_bases,
+    naive_step,
+    surgery_floor_bytes,
+    sweep,
+)
 from gradsafe.cli import main
 
 
@@ -47,11 +58,46 @@ def test_bench_cli(capsys, tmp_path):
     rc = main(["bench", "--numel", "4000", "--tensors", "4", "--rank", "2", "--rounds", "2", "--device", "cpu",
                "--out", str(out)])
     assert rc == 0
-    printed = capsys.readouterr().out
-    assert "gradsafe bench: 4,000 parameters in 4 tensors, k=2, scope=global" in printed
-    for name in ("naive per-parameter loop", "gradsafe torch backend", "AdamW step (default)", "AdamW step (fused)"):
-        assert name in printed
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert printed.startswith(f"gradsafe bench: 4,000 parameters in 4 tensors, k=2, scope=global, fp32 gradients; "
+                              f"cpu, {torch.get_num_threads()} threads; 2 interleaved rounds\n")
+    assert TABLE_LEGEND in printed
+    names = (FLOOR, "naive per-parameter loop", "gradsafe torch backend", "AdamW step (default)", "AdamW step (fused)")
+    table = printed[printed.index("variant"):]
+    for name in names:
+        assert name in table
+    row = next(line for line in table.splitlines() if line.startswith(FLOOR))
+    assert row.split()[-4:-3] == ["32"] and "1.00x" in row  # 2k+1 = 5 rows of 4 B, 3 gradient passes of 4 B
+    assert "gradsafe torch backend: " in table and "x the bytes floor row" in table
     assert out.read_text() == printed
+    # progress on stderr: the problem, then each variant's warm-up, then each round
+    progress = [line.split("] ", 1)[1] for line in captured.err.splitlines()]
+    assert progress == (["building the problem (4,000 parameters, k=2, scope=global)"]
+                        + [f"warm-up {i + 1}/5: {name}" for i, name in enumerate(names)]
+                        + [f"timed round {r}/2 (every variant once)" for r in (1, 2)])
+
+
+def test_floor_case_moves_the_surgery_bytes_and_leaves_the_gradients():
+    problem = make_problem(3000, 3, 4, seed=1)
+    before = [g.clone() for g in problem.grad_sets[1]]
+    floor_case(problem)(1)
+    assert all(torch.equal(a, b) for a, b in zip(problem.grad_sets[1], before))
+    assert problem.objective.memory.storage.shape[0] >= problem.rank + 1  # the rows it reads exist
+
+
+def test_format_table_ratios_are_times_over_the_named_rows():
+    times = {FLOOR: [0.010], "naive per-parameter loop": [0.040], "gradsafe torch backend": [0.012],
+             "AdamW step (default)": [0.020], "AdamW step (fused)": [0.005]}
+    floors = {FLOOR: 80, "naive per-parameter loop": 76, "gradsafe torch backend": 80,
+              "AdamW step (default)": 28, "AdamW step (fused)": 28}
+    text = format_table(times, floors, 1_000_000)
+    row = next(line for line in text.splitlines() if line.startswith("gradsafe torch backend"))
+    assert row.split()[-5:] == ["12.000", "80", "1.20x", "0.30x", "0.60x"]
+    assert "bytes floor row: 8.0 GB/s." in text
+    assert "fused AdamW: 5.6 GB/s" in text
+    # 80 B at 5.6 GB/s = 14.286 ms: the backend is 0.84x of that
+    assert "gradsafe torch backend: 1.20x the bytes floor row; 0.84x its 80 B/param at fused AdamW's bandwidth (14.286 ms)." in text
 
 
 def test_sweep_needs_cuda(capsys):
