@@ -7,11 +7,11 @@ damping is one ``_foreach_mul_``; each tensor's squared norm is read right after
 ``mv``, while the tensor is still in cache. The coefficients of all tensors land in one flat
 buffer that crosses to the host once per step; the weights come back in one transfer.
 
-On the CPU the two passes are split by columns into ``threads`` contiguous parts of near-equal
-bytes, one per thread (the BLAS libraries torch ships run a matrix-vector product on one
-core: measured in ``gradsafe bench``, docs/performance.md); each part's coefficients are partial
-sums, added before the rule. Plans with factored parts, steps under ``torch.compile`` and
-other devices run in one part, on the calling thread.
+On the CPU the two passes are cut by columns into chunks of near-equal bytes that
+``threads`` threads claim in turn (the MKL build of torch runs a matrix-vector product on one
+core, so one thread cannot reach the memory bandwidth: benchmarks/README.md); each chunk's
+coefficients are partial sums, added before the rule. Plans with factored parts, steps under
+``torch.compile`` and other devices run in one chunk, on the calling thread.
 
 Precision: a float32 tensor is worked on in place (a float32 copy, written back, when it is
 not contiguous); a float64 tensor keeps its own precision: its coefficients are read from a
@@ -24,6 +24,7 @@ tensors that a factored operator or a low-rank row reads) are worked on in a flo
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,15 +39,19 @@ from .base import StepRecord
 
 __all__ = ["TorchBackend", "partition_columns"]
 
-# A part smaller than this many columns is not worth a thread's hand-off (tens of microseconds).
-MIN_PART_COLUMNS = 1 << 16
+# A chunk smaller than this many columns is not split off: its share of a pass (~0.1 ms at k = 8)
+# would be close to what handing it to a thread costs.
+MIN_CHUNK_COLUMNS = 1 << 18
+# Chunks per thread: each thread claims the next chunk when it finishes one, so a thread the
+# operating system delays holds up the step by about one chunk, not by its whole share.
+CHUNKS_PER_THREAD = 4
 # Cuts inside a tensor fall on multiples of this many entries (whole cache lines and pages).
 CUT_ALIGN = 1024
 
 
 @dataclass
 class _Part:
-    """One thread's share of a step: column ranges ``[lo, hi)`` of the covered tensors.
+    """One chunk of a step: column ranges ``[lo, hi)`` of the covered tensors.
 
     ``coef``: (position, lo, hi, operand, coefficient offset, whether this entry also reads
     the range's squared norm); ``apply``: (position, lo, hi, operand for the combine, weight
@@ -72,7 +77,7 @@ class _Views:
     numels: list[int]
 
 
-def partition_columns(costs: list[tuple[int, float]], parts: int, min_columns: int = MIN_PART_COLUMNS,
+def partition_columns(costs: list[tuple[int, float]], parts: int, min_columns: int = MIN_CHUNK_COLUMNS,
                       align: int = CUT_ALIGN) -> list[list[tuple[int, int, int]]]:
     """Split tensors into at most ``parts`` contiguous runs of near-equal cost.
 
@@ -161,7 +166,7 @@ def _views(plan: Plan, parts: int) -> _Views:
             per_column[pos] += op.shape[0]
         for pos, op, _ in apply:
             per_column[pos] += op.shape[1] + 1  # the rows, and the write
-        ranges = partition_columns(list(zip(numels, per_column)), parts, MIN_PART_COLUMNS, CUT_ALIGN)
+        ranges = partition_columns(list(zip(numels, per_column)), parts, MIN_CHUNK_COLUMNS, CUT_ALIGN)
     out = []
     for rs in ranges:
         where = {pos: (lo, hi) for pos, lo, hi in rs}
@@ -194,7 +199,7 @@ def _coef_pass(part: _Part, work: list[torch.Tensor], coefs: torch.Tensor, norms
                 h = h[lo:hi]
             torch.mv(rows, h, out=coefs[offset : offset + rows.shape[0]])
         if first:  # |h|^2 right after the first read of h, while it is still in cache
-            if threaded:  # a BLAS-2 call: one core, like the other calls of a thread's part
+            if threaded:  # a BLAS-2 call: one core, like the chunk's other calls (dot may start threads)
                 torch.mv(h.view(1, -1), h, out=norms[pos : pos + 1])
             else:
                 torch.dot(h, h, out=norms[pos])
@@ -231,14 +236,28 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pool[2]
 
 
-def _in_parallel(calls: list) -> None:
-    """Run the calls (no arguments): the first on this thread, the others on the pool."""
-    if len(calls) == 1:
-        calls[0]()
+def _run_chunks(calls: list, threads: int) -> None:
+    """Run the calls (no arguments) on ``threads`` threads, this one and the pool's; each
+    thread claims the next call in order when it finishes one."""
+    if threads <= 1 or len(calls) == 1:
+        for call in calls:
+            call()
         return
-    futures = [_executor(len(calls) - 1).submit(c) for c in calls[1:]]
+    claims: queue.SimpleQueue = queue.SimpleQueue()
+    for call in calls:
+        claims.put(call)
+
+    def drain() -> None:
+        while True:
+            try:
+                call = claims.get_nowait()
+            except queue.Empty:
+                return
+            call()
+
+    futures = [_executor(threads - 1).submit(drain) for _ in range(threads - 1)]
     try:
-        calls[0]()
+        drain()
     finally:
         for f in futures:
             f.result()
@@ -249,8 +268,9 @@ class TorchBackend:
 
     Args:
         threads: how many threads share a CPU step's two passes (default
-            ``torch.get_num_threads()``); 1 runs the step on the calling thread alone. Only
-            plans of at least ``MIN_PART_COLUMNS`` columns per thread are split.
+            ``torch.get_num_threads()``); 1 runs the step on the calling thread alone. A plan
+            is cut into up to ``CHUNKS_PER_THREAD`` chunks per thread of at least
+            ``MIN_CHUNK_COLUMNS`` columns each; a plan too small for two runs on one thread.
     """
 
     name = "torch"
@@ -260,18 +280,20 @@ class TorchBackend:
             raise ValueError(f"TorchBackend(threads=...) must be a whole number >= 1 or None, got {threads!r}")
         self.threads = threads
 
-    def _parts(self, plan: Plan, compiling: bool) -> int:
+    def _split(self, plan: Plan, compiling: bool) -> tuple[int, int]:
+        """(chunks, threads) for a step of this plan."""
         if compiling or plan.device.type != "cpu" or plan.factor_ops:
-            return 1
+            return 1, 1
         threads = self.threads if self.threads is not None else torch.get_num_threads()
         if threads <= 1:
-            return 1
-        views = _views(plan, 1)
-        return max(1, min(threads, sum(views.numels) // MIN_PART_COLUMNS))
+            return 1, 1
+        chunks = max(1, min(threads * CHUNKS_PER_THREAD, sum(_views(plan, 1).numels) // MIN_CHUNK_COLUMNS))
+        return chunks, min(threads, chunks)
 
     def run(self, plan: Plan, tensors: list[torch.Tensor]) -> StepRecord:
         compiling = torch.compiler.is_compiling()
-        views = _views(plan, self._parts(plan, compiling))
+        chunks, threads = self._split(plan, compiling)
+        views = _views(plan, chunks)
         threaded = len(views.parts) > 1
 
         # own: each tensor as a flat tensor in its own precision (float32 for the rest), the
@@ -309,12 +331,12 @@ class TorchBackend:
                 finite = run_factor_ops(plan.factor_ops, work, coefs, plan.shard)
             else:
                 staged, partials = factor_partials(plan.factor_ops, work, coefs)
-        if threaded:  # each part sums its own columns; the parts are added here
+        if threaded:  # each chunk sums its own columns; the chunks are added here
             split = torch.zeros(len(views.parts), plan.coef_numel, dtype=torch.float32, device=plan.device)
-            _in_parallel([
+            _run_chunks([
                 lambda p=p, out=out: _coef_pass(p, work, out, out[plan.norms_offset :], True)
                 for p, out in zip(views.parts, split)
-            ])
+            ], threads)
             torch.sum(split, 0, out=coefs)
         else:
             _coef_pass(views.parts[0], work, coefs, norms, False)
@@ -346,8 +368,8 @@ class TorchBackend:
             fresh = [False] * len(work)
             for i in wide:
                 fresh[i] = True
-            if threaded:
-                _in_parallel([lambda p=p: _apply_pass(p, work, fresh, W) for p in views.parts])
+            if threaded:  # last chunks first: their rows are the likeliest still in cache
+                _run_chunks([lambda p=p: _apply_pass(p, work, fresh, W) for p in views.parts[::-1]], threads)
             else:
                 _apply_pass(views.parts[0], work, fresh, W)
             touched = {pos for p in views.parts for pos, *_ in p.apply}

@@ -9,7 +9,7 @@
 - float16 / bfloat16 gradients match the reference to their precision; non-contiguous
   float32 and float64 gradients give what their contiguous twins give, strides kept.
 
-The split is exercised on small problems by lowering ``MIN_PART_COLUMNS`` and ``CUT_ALIGN``.
+The split is exercised on small problems by lowering ``MIN_CHUNK_COLUMNS`` and ``CUT_ALIGN``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ LOWP_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 @pytest.fixture
 def small_parts(monkeypatch):
     """Let the step split tensors of a few hundred entries."""
-    monkeypatch.setattr(torch_backend, "MIN_PART_COLUMNS", 32)
+    monkeypatch.setattr(torch_backend, "MIN_CHUNK_COLUMNS", 32)
     monkeypatch.setattr(torch_backend, "CUT_ALIGN", 8)
 
 
@@ -125,8 +125,8 @@ def test_split_step_matches_one_thread_and_reference(small_parts, seed, threads)
         results[n] = step_capture(opt, grads)
         plan = opt._current_plan(all_params(opt))
         if n > 1:  # the step really was split, inside tensors too
-            views = plan.cache[("torch", n)]
-            assert len(views.parts) == n
+            views = plan.cache[("torch", n * torch_backend.CHUNKS_PER_THREAD)]
+            assert len(views.parts) == n * torch_backend.CHUNKS_PER_THREAD
             assert any(lo > 0 for p in views.parts for _, lo, *_ in p.coef)
     params = all_params(opt)
     x, _ = reference_flat(opt, originals)
@@ -146,6 +146,20 @@ def test_small_plans_stay_on_one_thread():
     step_capture(opt, rand_grads(opt, gen))
     plan = opt._current_plan(all_params(opt))
     assert [k for k in plan.cache if isinstance(k, tuple) and k[0] == "torch"] == [("torch", 1)]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_run_chunks_runs_each_call_once_and_raises_what_a_call_raises(threads):
+    done = []
+    torch_backend._run_chunks([lambda j=j: done.append(j) for j in range(9)], threads)
+    assert sorted(done) == list(range(9))
+
+    def boom():
+        raise RuntimeError("chunk 3")
+
+    calls = [lambda: None] * 3 + [boom] + [lambda: None] * 3
+    with pytest.raises(RuntimeError, match="chunk 3"):
+        torch_backend._run_chunks(calls, threads)
 
 
 def test_threads_must_be_positive():

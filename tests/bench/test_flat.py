@@ -12,6 +12,7 @@ from gradsafe._optional import MissingDependency
 from gradsafe.backends.torch_backend import TorchBackend
 from gradsafe.bench.flat import (
     FLOOR,
+    PROBE,
     TABLE_LEGEND,
     floor_case,
     format_sweep,
@@ -63,13 +64,13 @@ def test_bench_cli(capsys, tmp_path):
     assert printed.startswith(f"gradsafe bench: 4,000 parameters in 4 tensors, k=2, scope=global, fp32 gradients; "
                               f"cpu, {torch.get_num_threads()} threads; 2 interleaved rounds\n")
     assert TABLE_LEGEND in printed
-    names = (FLOOR, "naive per-parameter loop", "gradsafe torch backend", "AdamW step (default)", "AdamW step (fused)")
+    names = (PROBE, "naive per-parameter loop", "gradsafe torch backend", "AdamW step (default)", "AdamW step (fused)")
     table = printed[printed.index("variant"):]
-    for name in names:
+    for name in (FLOOR,) + names:
         assert name in table
     row = next(line for line in table.splitlines() if line.startswith(FLOOR))
-    assert row.split()[-4:-3] == ["32"] and "1.00x" in row  # 2k+1 = 5 rows of 4 B, 3 gradient passes of 4 B
-    assert "gradsafe torch backend: " in table and "x the bytes floor row" in table
+    assert row.split()[-4:-2] == ["32", "1.00x"]  # 2k+1 = 5 rows of 4 B, 3 gradient passes of 4 B
+    assert "gradsafe torch backend: " in table and "x the bytes floor." in table
     assert out.read_text() == printed
     # progress on stderr: the problem, then each variant's warm-up, then each round
     progress = [line.split("] ", 1)[1] for line in captured.err.splitlines()]
@@ -86,18 +87,22 @@ def test_floor_case_moves_the_surgery_bytes_and_leaves_the_gradients():
     assert problem.objective.memory.storage.shape[0] >= problem.rank + 1  # the rows it reads exist
 
 
-def test_format_table_ratios_are_times_over_the_named_rows():
-    times = {FLOOR: [0.010], "naive per-parameter loop": [0.040], "gradsafe torch backend": [0.012],
+@pytest.mark.parametrize("probe_s, floor_ms, source", [(0.010, 10.0, PROBE), (0.020, 14.286, "AdamW step (fused)")])
+def test_format_table_ratios_are_times_over_the_named_rows(probe_s, floor_ms, source):
+    # the floor is the surgery's 80 B/param at the higher bandwidth: the probe's 8.0 GB/s, or
+    # fused AdamW's 28 B / 5 ms = 5.6 GB/s when the probe only reaches 4.0
+    times = {PROBE: [probe_s, probe_s], "naive per-parameter loop": [0.040], "gradsafe torch backend": [0.012, 0.011, 0.013],
              "AdamW step (default)": [0.020], "AdamW step (fused)": [0.005]}
-    floors = {FLOOR: 80, "naive per-parameter loop": 76, "gradsafe torch backend": 80,
+    floors = {PROBE: 80, "naive per-parameter loop": 76, "gradsafe torch backend": 80,
               "AdamW step (default)": 28, "AdamW step (fused)": 28}
     text = format_table(times, floors, 1_000_000)
-    row = next(line for line in text.splitlines() if line.startswith("gradsafe torch backend"))
-    assert row.split()[-5:] == ["12.000", "80", "1.20x", "0.30x", "0.60x"]
-    assert "bytes floor row: 8.0 GB/s." in text
-    assert "fused AdamW: 5.6 GB/s" in text
-    # 80 B at 5.6 GB/s = 14.286 ms: the backend is 0.84x of that
-    assert "gradsafe torch backend: 1.20x the bytes floor row; 0.84x its 80 B/param at fused AdamW's bandwidth (14.286 ms)." in text
+    lines = text.splitlines()
+    assert lines[2].startswith(FLOOR) and lines[2].split()[-5:-3] == [f"{floor_ms:.3f}", "80"]
+    row = next(line for line in lines if line.startswith("gradsafe torch backend"))
+    assert row.split()[-5:] == ["12.000", "80", f"{12 / floor_ms:.2f}x", "0.30x", "0.60x"]
+    assert f"at {80 / floor_ms:.1f} GB/s ({source})" in text
+    assert f"AdamW step (fused): 5.6 GB/s, {PROBE}: {80 / probe_s / 1e9 * 1e6:.1f} GB/s." in text
+    assert f"gradsafe torch backend: {12 / floor_ms:.2f}x the bytes floor." in text
 
 
 def test_sweep_needs_cuda(capsys):
