@@ -225,11 +225,12 @@ _pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, execu
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool of ``workers`` threads (a new one after ``fork``, whose child has none)."""
+    """A process-wide pool of at least ``workers`` threads (a new one after ``fork``: the child
+    has none of its parent's threads)."""
     global _pool
     with _pool_lock:
         pid = os.getpid()
-        if _pool is None or _pool[0] != pid or _pool[1] != workers:
+        if _pool is None or _pool[0] != pid or _pool[1] < workers:
             if _pool is not None and _pool[0] == pid:
                 _pool[2].shutdown(wait=False)
             _pool = (pid, workers, ThreadPoolExecutor(workers, thread_name_prefix="gradsafe-torch"))
