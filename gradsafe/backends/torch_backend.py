@@ -50,14 +50,14 @@ CUT_ALIGN = 1024
 
 
 @dataclass
-class _Part:
+class _Chunk:
     """One chunk of a step: column ranges ``[lo, hi)`` of the covered tensors.
 
     ``coef``: (position, lo, hi, operand, coefficient offset, whether this entry also reads
     the range's squared norm); ``apply``: (position, lo, hi, operand for the combine, weight
-    slice, whether it is the first write into the position's range in this part).
+    slice, whether it is the first write into the position's range in this chunk).
     An operand is a dense view of the rows (``(r, hi - lo)`` for the coefficients,
-    ``(hi - lo, r)`` for the combine) or a ``LowRankRow`` (whole matrix, one part only).
+    ``(hi - lo, r)`` for the combine) or a ``LowRankRow`` (whole matrix, one chunk only).
     """
 
     coef: list[tuple[int, int, int, "torch.Tensor | LowRankRow", int, bool]] = field(default_factory=list)
@@ -66,9 +66,9 @@ class _Part:
 
 @dataclass
 class _Views:
-    """Per-plan views, built once per number of parts."""
+    """Per-plan views, built once per number of chunks."""
 
-    parts: list[_Part]
+    chunks: list[_Chunk]
     # whether a row's coefficient reads a tensor after its factored operator (then the
     # operator must act before the coefficient pass)
     rows_after_factored: bool
@@ -124,8 +124,9 @@ def partition_columns(costs: list[tuple[int, float]], parts: int, min_columns: i
     return out if out else [[]]
 
 
-def _views(plan: Plan, parts: int) -> _Views:
-    key = ("torch", parts)
+def _views(plan: Plan, chunks: int) -> _Views:
+    """The plan's operands cut into (at most) ``chunks`` chunks, cached on the plan."""
+    key = ("torch", chunks)
     cached = plan.cache.get(key)
     if cached is not None:
         return cached
@@ -156,9 +157,9 @@ def _views(plan: Plan, parts: int) -> _Views:
     # likeliest still to be in cache.
     apply = apply[::-1]
     float32_only = frozenset(factored | lowrank)
-    if parts > 1 and float32_only:
-        parts = 1  # factored parts are whole-matrix matmuls
-    if parts == 1:
+    if chunks > 1 and float32_only:
+        chunks = 1  # factored parts are whole-matrix matmuls
+    if chunks == 1:
         ranges = [[(pos, 0, n) for pos, n in enumerate(numels)]]
     else:
         per_column = [1.0] * plan.num_tensors  # the tensor's own read
@@ -166,31 +167,31 @@ def _views(plan: Plan, parts: int) -> _Views:
             per_column[pos] += op.shape[0]
         for pos, op, _ in apply:
             per_column[pos] += op.shape[1] + 1  # the rows, and the write
-        ranges = partition_columns(list(zip(numels, per_column)), parts, MIN_CHUNK_COLUMNS, CUT_ALIGN)
+        ranges = partition_columns(list(zip(numels, per_column)), chunks, MIN_CHUNK_COLUMNS, CUT_ALIGN)
     out = []
     for rs in ranges:
         where = {pos: (lo, hi) for pos, lo, hi in rs}
-        part = _Part()
+        chunk = _Chunk()
         for pos, op, offset, first in coef:
             if pos in where:
                 lo, hi = where[pos]
                 view = op if isinstance(op, LowRankRow) or (lo == 0 and hi == op.shape[1]) else op[:, lo:hi]
-                part.coef.append((pos, lo, hi, view, offset, first))
+                chunk.coef.append((pos, lo, hi, view, offset, first))
         written: set[int] = set()
         for pos, op, live in apply:
             if pos in where:
                 lo, hi = where[pos]
                 view = op if isinstance(op, LowRankRow) or (lo == 0 and hi == op.shape[0]) else op[lo:hi]
-                part.apply.append((pos, lo, hi, view, live, pos not in written))
+                chunk.apply.append((pos, lo, hi, view, live, pos not in written))
                 written.add(pos)
-        out.append(part)
+        out.append(chunk)
     cached = plan.cache[key] = _Views(out, any(pos in factored for pos, *_ in coef), float32_only, numels)
     return cached
 
 
-def _coef_pass(part: _Part, work: list[torch.Tensor], coefs: torch.Tensor, norms: torch.Tensor, threaded: bool) -> None:
-    """Coefficients (and squared norms) of one part's column ranges into ``coefs``."""
-    for pos, lo, hi, rows, offset, first in part.coef:
+def _coef_pass(chunk: _Chunk, work: list[torch.Tensor], coefs: torch.Tensor, norms: torch.Tensor, threaded: bool) -> None:
+    """Coefficients (and squared norms) of one chunk's column ranges into ``coefs``."""
+    for pos, lo, hi, rows, offset, first in chunk.coef:
         h = work[pos]
         if isinstance(rows, LowRankRow):
             coefs[offset] = rows.dot(h.view(rows.shape))
@@ -205,9 +206,9 @@ def _coef_pass(part: _Part, work: list[torch.Tensor], coefs: torch.Tensor, norms
                 torch.dot(h, h, out=norms[pos])
 
 
-def _apply_pass(part: _Part, targets: list[torch.Tensor], fresh: list[bool], W: torch.Tensor) -> None:
-    """``target += rows^T w`` over one part's column ranges (``fresh`` targets are overwritten first)."""
-    for pos, lo, hi, rows_t, live, first in part.apply:
+def _apply_pass(chunk: _Chunk, targets: list[torch.Tensor], fresh: list[bool], W: torch.Tensor) -> None:
+    """``target += rows^T w`` over one chunk's column ranges (``fresh`` targets are overwritten first)."""
+    for pos, lo, hi, rows_t, live, first in chunk.apply:
         h = targets[pos]
         if isinstance(rows_t, LowRankRow):
             rows_t.add_to(h.view(rows_t.shape), W[live])
@@ -295,7 +296,7 @@ class TorchBackend:
         compiling = torch.compiler.is_compiling()
         chunks, threads = self._split(plan, compiling)
         views = _views(plan, chunks)
-        threaded = len(views.parts) > 1
+        threaded = len(views.chunks) > 1
 
         # own: each tensor as a flat tensor in its own precision (float32 for the rest), the
         # one that damping scales and, unless it has a correction buffer, the apply pass changes
@@ -333,14 +334,14 @@ class TorchBackend:
             else:
                 staged, partials = factor_partials(plan.factor_ops, work, coefs)
         if threaded:  # each chunk sums its own columns; the chunks are added here
-            split = torch.zeros(len(views.parts), plan.coef_numel, dtype=torch.float32, device=plan.device)
+            split = torch.zeros(len(views.chunks), plan.coef_numel, dtype=torch.float32, device=plan.device)
             _run_chunks([
                 lambda p=p, out=out: _coef_pass(p, work, out, out[plan.norms_offset :], True)
-                for p, out in zip(views.parts, split)
+                for p, out in zip(views.chunks, split)
             ], threads)
             torch.sum(split, 0, out=coefs)
         else:
-            _coef_pass(views.parts[0], work, coefs, norms, False)
+            _coef_pass(views.chunks[0], work, coefs, norms, False)
         if plan.shard is not None:  # FSDP2: each rank summed its own rows; one all-reduce
             sum_across_ranks(partials or [], plan.shard, extra=coefs)
         if staged is not None:
@@ -361,7 +362,7 @@ class TorchBackend:
             return StepRecord(coefs=host, weights=None, finite=False)
 
         weights = None
-        if any(p.apply for p in views.parts):
+        if any(p.apply for p in views.chunks):
             weights = plan.rule.solve(host)
             if compiling:
                 weights = np.where(finite, weights, 0.0)
@@ -370,10 +371,10 @@ class TorchBackend:
             for i in wide:
                 fresh[i] = True
             if threaded:  # last chunks first: their rows are the likeliest still in cache
-                _run_chunks([lambda p=p: _apply_pass(p, work, fresh, W) for p in views.parts[::-1]], threads)
+                _run_chunks([lambda p=p: _apply_pass(p, work, fresh, W) for p in views.chunks[::-1]], threads)
             else:
-                _apply_pass(views.parts[0], work, fresh, W)
-            touched = {pos for p in views.parts for pos, *_ in p.apply}
+                _apply_pass(views.chunks[0], work, fresh, W)
+            touched = {pos for p in views.chunks for pos, *_ in p.apply}
             for i in wide:
                 if i in touched:
                     own[i].add_(work[i])

@@ -126,8 +126,8 @@ def test_split_step_matches_one_thread_and_reference(small_parts, seed, threads)
         plan = opt._current_plan(all_params(opt))
         if n > 1:  # the step really was split, inside tensors too
             views = plan.cache[("torch", n * torch_backend.CHUNKS_PER_THREAD)]
-            assert len(views.parts) == n * torch_backend.CHUNKS_PER_THREAD
-            assert any(lo > 0 for p in views.parts for _, lo, *_ in p.coef)
+            assert len(views.chunks) == n * torch_backend.CHUNKS_PER_THREAD
+            assert any(lo > 0 for p in views.chunks for _, lo, *_ in p.coef)
     params = all_params(opt)
     x, _ = reference_flat(opt, originals)
     expected = [t.float() for t in torch.split(x, [p.numel() for p in params])]
