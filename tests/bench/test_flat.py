@@ -70,7 +70,7 @@ def test_bench_cli(capsys, tmp_path):
         assert name in table
     row = next(line for line in table.splitlines() if line.startswith(FLOOR))
     assert row.split()[-4:-2] == ["32", "1.00x"]  # 2k+1 = 5 rows of 4 B, 3 gradient passes of 4 B
-    assert "gradsafe torch backend: " in table and "x the bytes floor." in table
+    assert "gradsafe torch backend: " in table and "x its bytes floor (32 B/param at that rate)." in table
     assert out.read_text() == printed
     # progress on stderr: the problem, then each variant's warm-up, then each round
     progress = [line.split("] ", 1)[1] for line in captured.err.splitlines()]
@@ -102,7 +102,17 @@ def test_format_table_ratios_are_times_over_the_named_rows(probe_s, floor_ms, so
     assert row.split()[-5:] == ["12.000", "80", f"{12 / floor_ms:.2f}x", "0.30x", "0.60x"]
     assert f"at {80 / floor_ms:.1f} GB/s ({source})" in text
     assert f"AdamW step (fused): 5.6 GB/s, {PROBE}: {80 / probe_s / 1e9 * 1e6:.1f} GB/s." in text
-    assert f"gradsafe torch backend: {12 / floor_ms:.2f}x the bytes floor." in text
+    assert f"gradsafe torch backend: {12 / floor_ms:.2f}x its bytes floor (80 B/param at that rate)." in text
+
+
+def test_format_table_states_each_backend_against_its_own_bytes():
+    # a bfloat16 basis moves 17 * 2 + 12 = 46 B/param: its line uses its own floor, the column the fp32 one
+    times = {PROBE: [0.010], "gradsafe triton (bf16 basis)": [0.0069], "AdamW step (fused)": [0.1]}
+    floors = {PROBE: 80, "gradsafe triton (bf16 basis)": 46, "AdamW step (fused)": 28}
+    text = format_table(times, floors, 1_000_000)
+    row = next(line for line in text.splitlines() if line.startswith("gradsafe triton"))
+    assert row.split()[-5:-2] == ["6.900", "46", "0.69x"]
+    assert "gradsafe triton (bf16 basis): 1.20x its bytes floor (46 B/param at that rate)." in text
 
 
 def test_sweep_needs_cuda(capsys):
