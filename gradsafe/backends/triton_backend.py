@@ -14,7 +14,9 @@ changes). Fallbacks, each documented in docs/kernels.md:
 - a plan with factored parts (scope "factored") runs on the torch backend: its work is
   matmuls, which cuBLAS does through torch;
 - a gradient that is not contiguous, or not float32 / bfloat16 / float16, is worked on in a
-  contiguous copy (float32 when its dtype is not one of these) that is written back.
+  contiguous copy (float32 when its dtype is not one of these) that is written back; a
+  float64 gradient gets only the copy's change added back (float32 arithmetic), so what the
+  step does not change keeps its float64 value.
 
 The per-plan tables (``gradsafe.backends.triton_layout.build_layout``, into the kernels'
 ``KernelLayout``) are cached on the plan object, keyed by device, basis dtype and
@@ -144,7 +146,7 @@ class TritonBackend:
         # before are reused (training loops cycle through a few gradient buffers).
         meta = tuple([(t.data_ptr(), t.dtype, t.is_contiguous()) for t in tensors])
         entry = lay.step_cache.get(meta)
-        writeback: list[tuple[torch.Tensor, torch.Tensor]] = []
+        writeback: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []  # (tensor, copy, float64: copy before)
         work = tensors
         if entry is None:
             codes = k.DTYPE_CODES
@@ -161,7 +163,7 @@ class TritonBackend:
                     dt = d if d in codes else torch.float32
                     w = t.detach().to(dtype=dt, memory_format=torch.contiguous_format, copy=True)
                     work[i] = w
-                    writeback.append((t, w))
+                    writeback.append((t, w, w.clone() if d == torch.float64 else None))
                 entry = self._tables(lay, work, [w.data_ptr() for w in work], [w.dtype for w in work])
         gtab, groups = entry
 
@@ -196,6 +198,9 @@ class TritonBackend:
         for code, (_red, app) in groups.items():
             if app is not None:
                 k.launch_apply(lay, app, gtab, weights, code)
-        for t, w in writeback:
-            t.copy_(w.view_as(t))
+        for t, w, before in writeback:
+            if before is None:
+                t.copy_(w.view_as(t))
+            else:  # float64: add the step's change, not the float32 rounding of the rest
+                t.add_((w - before).view_as(t))
         return StepRecord(coefs=coefs, weights=weights[: plan.weight_numel] if acting else None, finite=finite)

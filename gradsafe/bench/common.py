@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 
@@ -9,7 +10,7 @@ import torch
 
 from .._optional import UserError
 
-__all__ = ["sync", "measure", "pick_device", "device_label", "emit"]
+__all__ = ["sync", "measure", "pick_device", "device_label", "emit", "stderr_progress"]
 
 
 def sync(device: torch.device) -> None:
@@ -19,20 +20,28 @@ def sync(device: torch.device) -> None:
 
 
 def measure(
-    cases: dict[str, Callable[[int], None]], rounds: int, device: torch.device | None = None
+    cases: dict[str, Callable[[int], None]],
+    rounds: int,
+    device: torch.device | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, list[float]]:
     """Time each case once per round, interleaved; returns seconds per case.
 
     On a CUDA device each timing is bracketed by synchronisations (so it is the time the
-    step takes, launch overhead included).
+    step takes, launch overhead included). ``progress`` is told, as one line each, when a
+    case's warm-up starts and when a timed round starts.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for name, fn in cases.items():  # warm-up (and compilation)
+    for i, (name, fn) in enumerate(cases.items()):  # warm-up (and compilation)
+        if progress is not None:
+            progress(f"warm-up {i + 1}/{len(cases)}: {name}")
         fn(0)
         fn(1)
     sync(device)
     for r in range(rounds):
+        if progress is not None:
+            progress(f"timed round {r + 1}/{rounds} (every variant once)")
         for name, fn in cases.items():
             sync(device)
             t0 = time.perf_counter()
@@ -40,6 +49,16 @@ def measure(
             sync(device)
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def stderr_progress(prefix: str = "gradsafe bench") -> Callable[[str], None]:
+    """A ``progress`` for ``measure``: each line on stderr, with the seconds since it was made."""
+    start = time.perf_counter()
+
+    def report(line: str) -> None:
+        print(f"{prefix}: [{time.perf_counter() - start:6.1f} s] {line}", file=sys.stderr, flush=True)
+
+    return report
 
 
 def pick_device(name: str | None) -> torch.device:

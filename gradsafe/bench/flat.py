@@ -6,10 +6,15 @@ reported as a median with its ratios. Gradients are rotated between two sets, ea
 than a GPU's L2 in the GPU tables, so that no run starts from a warm cache of the previous
 one.
 
-- ``gradsafe bench`` (one configuration): the naive per-parameter loop, the torch backend,
-  on a GPU the Triton backend (float32 and bfloat16 basis), and the AdamW step (default and
-  fused), each with its speed-up over the naive loop, its time relative to AdamW and its
-  achieved GB/s (the variant's bytes-moved floor over its median time).
+- ``gradsafe bench`` (one configuration): the stream probe (the fused surgery's reads and
+  writes without its arithmetic, ``floor_case``), the naive per-parameter loop, the torch
+  backend, on a GPU the Triton backend (float32 and bfloat16 basis), and the AdamW step
+  (default and fused), all timed; and the bytes floor, derived from them: the surgery's bytes
+  at the higher of fused AdamW's and the probe's bandwidth (``floor_seconds``). Every ratio
+  column is a time ratio, lower is better: the row's median over the floor's, the naive
+  loop's and the default AdamW step's. The header (problem, device, threads, what the
+  columns mean) is printed before anything is timed, one progress line per warm-up and
+  round on stderr.
 - ``gradsafe bench --sweep`` (GPU): one row per configuration (k = 1, 4, 16, 64; float32 and
   bfloat16 basis; global and tensor scope; 1 to 500 tensors) with the floor time (bytes at
   the measured copy bandwidth), every variant's median, the Triton backend's ratio to the
@@ -20,7 +25,9 @@ one.
 Bytes-moved floors per parameter, with s_g, s_U the bytes of a gradient
 and a basis element: fused surgery ``(2k + 1) s_U + 3 s_g`` (the coefficient pass reads the
 k basis rows and the mean reference, the apply pass the k basis rows; the gradient is read
-twice and written once); the naive loop ``2 k s_U + 3 s_g`` at best; AdamW 28 bytes (fp32).
+twice and written once: it does not stay in cache between the passes, which the global
+coefficients separate); the naive loop ``2 k s_U + 3 s_g`` at best; AdamW 28 bytes (fp32:
+parameter, both moments read and written, the gradient read).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from ..memory import Memory, pack_rows
 from ..objective import ProtectedObjective
 from ..options import ObjectiveConfig
 from ..plan import Plan, build_plan
-from .common import device_label, emit, measure, pick_device, sync
+from .common import device_label, emit, measure, pick_device, stderr_progress, sync
 
 __all__ = [
     "run_flat",
@@ -54,6 +61,11 @@ __all__ = [
     "SweepRow",
     "copy_bandwidth",
     "surgery_floor_bytes",
+    "floor_case",
+    "floor_seconds",
+    "format_header",
+    "FLOOR",
+    "PROBE",
 ]
 
 
@@ -138,7 +150,7 @@ def surgery_floor_bytes(k: int, basis_bytes: int, grad_bytes: int = 4) -> int:
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, rounds: int = 10) -> float:
     """Measured device copy bandwidth in bytes/s (read + write counted)."""
-    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)  # written: never the zero page
     y = torch.empty_like(x)
     y.copy_(x)
     sync(device)
@@ -154,6 +166,33 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, rounds: int = 10
 
 
 # ------------------------------------------------------------------------------ one configuration
+FLOOR = "bytes floor (derived, below)"
+PROBE = "stream probe (surgery's bytes)"
+NAIVE = "naive per-parameter loop"
+ADAMW = "AdamW step (default)"
+ADAMW_FUSED = "AdamW step (fused)"
+
+
+def floor_case(problem: Problem) -> Callable[[int], None]:
+    """The fused surgery's memory traffic without its arithmetic, as a timed case (the stream probe).
+
+    Per parameter: the k + 1 rows the coefficient pass reads and the k rows the apply pass
+    reads (``torch.sum`` over the row storage), the gradient read once (``_foreach_norm``) and
+    read and written once (``_foreach_mul_(g, 1)``): ``surgery_floor_bytes(k, 4)`` bytes.
+    """
+    rows = problem.objective.memory.storage
+    k = problem.rank
+
+    def stream(r: int) -> None:
+        grads = problem.grad_sets[r % 2]
+        torch.sum(rows[: k + 1])
+        torch._foreach_norm(grads)
+        torch.sum(rows[:k])
+        torch._foreach_mul_(grads, 1.0)
+
+    return stream
+
+
 def cases_for(problem: Problem, backend: str = "torch", device: torch.device | None = None):
     """The variants compared on one problem, and their floor bytes per parameter."""
     device = torch.device(device) if device is not None else problem.plan.device
@@ -171,45 +210,78 @@ def cases_for(problem: Problem, backend: str = "torch", device: torch.device | N
     k = problem.rank
     name = f"gradsafe {be.name} backend"
     cases = {
-        "naive per-parameter loop": lambda r: naive_step(problem, nb, with_grads(r)),
+        PROBE: floor_case(problem),
+        NAIVE: lambda r: naive_step(problem, nb, with_grads(r)),
         name: lambda r: be.run(problem.plan, with_grads(r)),
     }
-    floors = {"naive per-parameter loop": 2 * k * 4 + 12, name: surgery_floor_bytes(k, 4)}
+    floors = {PROBE: surgery_floor_bytes(k, 4), NAIVE: 2 * k * 4 + 12, name: surgery_floor_bytes(k, 4)}
     if device.type == "cuda" and backend != "triton":
         if triton_available():
             for label, dt, sb in (("fp32", torch.float32, 4), ("bf16", torch.bfloat16, 2)):
                 tb = TritonBackend(basis_dtype=dt)
                 cases[f"gradsafe triton ({label} basis)"] = lambda r, tb=tb: tb.run(problem.plan, with_grads(r))
                 floors[f"gradsafe triton ({label} basis)"] = surgery_floor_bytes(k, sb)
-    cases["AdamW step (default)"] = lambda r: (with_grads(r), adamw.step())
-    cases["AdamW step (fused)"] = lambda r: (with_grads(r), adamw_fused.step())
-    floors["AdamW step (default)"] = floors["AdamW step (fused)"] = 28
+    cases[ADAMW] = lambda r: (with_grads(r), adamw.step())
+    cases[ADAMW_FUSED] = lambda r: (with_grads(r), adamw_fused.step())
+    floors[ADAMW] = floors[ADAMW_FUSED] = 28
     return cases, floors
 
 
 cpu_cases = cases_for  # the former name
 
+TABLE_LEGEND = (
+    "ratio columns: this row's median time over the named row's (lower is better): "
+    "/ floor over the bytes floor, / naive over the naive loop, / AdamW over the default AdamW step; "
+    "B/param: the bytes per parameter the variant must move at least."
+)
 
-def format_table(times: dict[str, list[float]], floors: dict[str, float], numel: int, peak: float | None = None) -> str:
-    """The one-configuration table: per variant its median, speed-up, time vs AdamW, GB/s."""
+
+def format_header(problem: Problem, scope: str, device: torch.device, rounds: int) -> str:
+    """What is measured and how to read the table (printed before anything is timed)."""
+    k = problem.rank
+    return (
+        f"gradsafe bench: {problem.numel:,} parameters in {len(problem.params)} tensors, k={k}, "
+        f"scope={scope}, fp32 gradients; {device_label(device)}; {rounds} interleaved rounds\n"
+        f"{TABLE_LEGEND}\n"
+        f"bytes floor: the surgery's {surgery_floor_bytes(k, 4)} B/param ((2k+1) basis-row reads of 4 B, the gradient "
+        f"read twice and written once) at the higher bandwidth measured in these rounds: fused AdamW's (28 B/param) "
+        f"or the stream probe's (the same bytes through torch.sum, _foreach_norm and _foreach_mul_)."
+    )
+
+
+def floor_seconds(med: dict[str, float], floors: dict[str, float], numel: int) -> tuple[float, dict[str, float]] | None:
+    """The surgery's bytes at the higher of the fused AdamW and stream-probe bandwidths (bytes/s per source)."""
+    rates = {name: floors[name] * numel / med[name] for name in (ADAMW_FUSED, PROBE) if med.get(name)}
+    if not rates:
+        return None
+    return floors.get(PROBE, 0) * numel / max(rates.values()), rates
+
+
+def format_table(times: dict[str, list[float]], floors: dict[str, float], numel: int) -> str:
+    """The one-configuration table: per variant its median and its time ratios; then the bandwidths."""
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    naive = next((v for k, v in med.items() if k.startswith("naive")), None)
-    adamw = med.get("AdamW step (default)")
-    head = f"{'variant':34s} {'median ms':>10s} {'vs naive':>9s} {'vs AdamW':>9s} {'GB/s':>7s}"
-    if peak:
-        head += f" {'vs floor':>9s}"
+    derived = floor_seconds(med, floors, numel)
+    if derived is not None:
+        med = {FLOOR: derived[0], **med}
+        floors = {FLOOR: floors[PROBE], **floors}
+    head = f"{'variant':34s} {'median ms':>10s} {'B/param':>8s} {'/ floor':>8s} {'/ naive':>8s} {'/ AdamW':>8s}"
     lines = [head, "-" * len(head)]
+
+    def ratio(m: float, ref: str) -> str:
+        return f"{m / med[ref]:7.2f}x" if med.get(ref) else f"{'-':>8s}"
+
     for name, m in med.items():
-        vs_naive = f"{naive / m:8.2f}x" if naive else "-"
-        vs_adamw = f"{m / adamw:8.2f}x" if adamw else "-"
-        gbs = floors.get(name, 0) * numel / m / 1e9
-        line = f"{name:34s} {m * 1e3:10.3f} {vs_naive:>9s} {vs_adamw:>9s} {gbs:7.1f}"
-        if peak:
-            line += f" {m / (floors.get(name, 0) * numel / peak):8.2f}x"
-        lines.append(line)
-    lines.append("vs naive: speed-up over the naive loop (higher is better); vs AdamW: time / default AdamW step.")
-    if peak:
-        lines.append(f"vs floor: time / (floor bytes at the measured copy bandwidth {peak / 1e9:.0f} GB/s).")
+        lines.append(f"{name:34s} {m * 1e3:10.3f} {floors.get(name, 0):8.0f} {ratio(m, FLOOR)} {ratio(m, NAIVE)} "
+                     f"{ratio(m, ADAMW)}")
+    if derived is not None:
+        rates = derived[1]
+        best = max(rates, key=rates.get)
+        lines.append(f"bytes floor: {floors[FLOOR]:.0f} B/param at {rates[best] / 1e9:.1f} GB/s ({best}); "
+                     + ", ".join(f"{name}: {rate / 1e9:.1f} GB/s" for name, rate in rates.items()) + ".")
+        for name, m in med.items():
+            if name.startswith("gradsafe "):  # over its own bytes (a bfloat16 basis moves fewer)
+                own = floors[name] * numel / rates[best]
+                lines.append(f"{name}: {m / own:.2f}x its bytes floor ({floors[name]:.0f} B/param at that rate).")
     return "\n".join(lines)
 
 
@@ -408,15 +480,16 @@ def run_flat(args: argparse.Namespace) -> int:
     default_numel = 10_000_000 if device.type == "cpu" else 1 << 25
     numel = 1_000_000 if args.quick else (args.numel or default_numel)
     rounds = 5 if args.quick else (args.rounds or 15)
+    progress = stderr_progress()
+    progress(f"building the problem ({numel:,} parameters, k={rank}, scope={args.scope})")
     problem = make_problem(numel, args.tensors, rank, args.scope, device=device)
+    header = format_header(problem, args.scope, device, rounds)
+    print(header, flush=True)  # before anything is timed
     cases, floors = cases_for(problem, args.backend, device)
-    times = measure(cases, rounds, device)
-    peak = copy_bandwidth(device) if device.type == "cuda" else None
-    where = device_label(device)
-    text = (
-        f"gradsafe bench: {problem.numel:,} parameters in {args.tensors} tensors, k={rank}, "
-        f"scope={args.scope}, fp32 gradients, {where}, {rounds} interleaved rounds\n"
-        + format_table(times, floors, problem.numel, peak)
-    )
-    emit(text, args.out)
+    times = measure(cases, rounds, device, progress=progress)
+    table = format_table(times, floors, problem.numel)
+    print(table, flush=True)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(header + "\n" + table + "\n")
     return 0

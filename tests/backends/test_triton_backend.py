@@ -186,6 +186,33 @@ def test_non_contiguous_and_float64_gradients_copy_path():
         torch.testing.assert_close(a.float(), b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["observe", "conflict"])
+def test_float64_zero_weight_step_is_bit_exact(mode):
+    # a float64 gradient keeps its float64 bits where the step changes nothing (here: all of it)
+    gen = torch.Generator().manual_seed(11)
+    opt = make_opt([(3, 5), (7,), (2, 3, 4)], backend=TritonBackend(), gen=gen)
+    params = all_params(opt)
+    g64 = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(DEVICE) for p in params]
+    # references aligned with the gradient: the constraint is inactive, its weight 0
+    opt.protect("c", [[g.float() + 0.3 * torch.randn(g.shape, generator=gen).to(DEVICE) for g in g64]
+                      for _ in range(2)], mode=mode)
+    plan = opt._current_plan(params)
+    work = [g.clone() for g in g64]
+    TritonBackend().run(plan, work)
+    for a, g in zip(work, g64):
+        assert a.dtype == torch.float64 and torch.equal(a, g)
+    # a step that changes the gradient changes it by the float32 correction only
+    opt2 = make_opt([(3, 5), (7,), (2, 3, 4)], backend=TritonBackend(), gen=gen)
+    opt2.protect("p", rand_samples(opt2, 2, gen), mode="project", rank=2)
+    plan2 = opt2._current_plan(all_params(opt2))
+    work = [g.clone() for g in g64]
+    twins = [g.float() for g in g64]
+    TritonBackend().run(plan2, work)
+    TorchBackend().run(plan2, twins)
+    for a, g, t in zip(work, g64, twins):
+        torch.testing.assert_close(a - g, (t - g.float()).double(), rtol=1e-4, atol=1e-5)
+
+
 def test_space_update_with_adamw():
     gen = torch.Generator().manual_seed(10)
 

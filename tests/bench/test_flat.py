@@ -10,7 +10,19 @@ import torch
 
 from gradsafe._optional import MissingDependency
 from gradsafe.backends.torch_backend import TorchBackend
-from gradsafe.bench.flat import format_sweep, make_problem, naive_bases, naive_step, surgery_floor_bytes, sweep
+from gradsafe.bench.flat import (
+    FLOOR,
+    PROBE,
+    TABLE_LEGEND,
+    floor_case,
+    format_sweep,
+    format_table,
+    make_problem,
+    naive_bases,
+    naive_step,
+    surgery_floor_bytes,
+    sweep,
+)
 from gradsafe.cli import main
 
 
@@ -47,11 +59,60 @@ def test_bench_cli(capsys, tmp_path):
     rc = main(["bench", "--numel", "4000", "--tensors", "4", "--rank", "2", "--rounds", "2", "--device", "cpu",
                "--out", str(out)])
     assert rc == 0
-    printed = capsys.readouterr().out
-    assert "gradsafe bench: 4,000 parameters in 4 tensors, k=2, scope=global" in printed
-    for name in ("naive per-parameter loop", "gradsafe torch backend", "AdamW step (default)", "AdamW step (fused)"):
-        assert name in printed
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert printed.startswith(f"gradsafe bench: 4,000 parameters in 4 tensors, k=2, scope=global, fp32 gradients; "
+                              f"cpu, {torch.get_num_threads()} threads; 2 interleaved rounds\n")
+    assert TABLE_LEGEND in printed
+    names = (PROBE, "naive per-parameter loop", "gradsafe torch backend", "AdamW step (default)", "AdamW step (fused)")
+    table = printed[printed.index("variant"):]
+    for name in (FLOOR,) + names:
+        assert name in table
+    row = next(line for line in table.splitlines() if line.startswith(FLOOR))
+    assert row.split()[-4:-2] == ["32", "1.00x"]  # 2k+1 = 5 rows of 4 B, 3 gradient passes of 4 B
+    assert "gradsafe torch backend: " in table and "x its bytes floor (32 B/param at that rate)." in table
     assert out.read_text() == printed
+    # progress on stderr: the problem, then each variant's warm-up, then each round
+    progress = [line.split("] ", 1)[1] for line in captured.err.splitlines()]
+    assert progress == (["building the problem (4,000 parameters, k=2, scope=global)"]
+                        + [f"warm-up {i + 1}/5: {name}" for i, name in enumerate(names)]
+                        + [f"timed round {r}/2 (every variant once)" for r in (1, 2)])
+
+
+def test_floor_case_moves_the_surgery_bytes_and_leaves_the_gradients():
+    problem = make_problem(3000, 3, 4, seed=1)
+    before = [g.clone() for g in problem.grad_sets[1]]
+    floor_case(problem)(1)
+    assert all(torch.equal(a, b) for a, b in zip(problem.grad_sets[1], before))
+    assert problem.objective.memory.storage.shape[0] >= problem.rank + 1  # the rows it reads exist
+
+
+@pytest.mark.parametrize("probe_s, floor_ms, source", [(0.010, 10.0, PROBE), (0.020, 14.286, "AdamW step (fused)")])
+def test_format_table_ratios_are_times_over_the_named_rows(probe_s, floor_ms, source):
+    # the floor is the surgery's 80 B/param at the higher bandwidth: the probe's 8.0 GB/s, or
+    # fused AdamW's 28 B / 5 ms = 5.6 GB/s when the probe only reaches 4.0
+    times = {PROBE: [probe_s, probe_s], "naive per-parameter loop": [0.040], "gradsafe torch backend": [0.012, 0.011, 0.013],
+             "AdamW step (default)": [0.020], "AdamW step (fused)": [0.005]}
+    floors = {PROBE: 80, "naive per-parameter loop": 76, "gradsafe torch backend": 80,
+              "AdamW step (default)": 28, "AdamW step (fused)": 28}
+    text = format_table(times, floors, 1_000_000)
+    lines = text.splitlines()
+    assert lines[2].startswith(FLOOR) and lines[2].split()[-5:-3] == [f"{floor_ms:.3f}", "80"]
+    row = next(line for line in lines if line.startswith("gradsafe torch backend"))
+    assert row.split()[-5:] == ["12.000", "80", f"{12 / floor_ms:.2f}x", "0.30x", "0.60x"]
+    assert f"at {80 / floor_ms:.1f} GB/s ({source})" in text
+    assert f"AdamW step (fused): 5.6 GB/s, {PROBE}: {80 / probe_s / 1e9 * 1e6:.1f} GB/s." in text
+    assert f"gradsafe torch backend: {12 / floor_ms:.2f}x its bytes floor (80 B/param at that rate)." in text
+
+
+def test_format_table_states_each_backend_against_its_own_bytes():
+    # a bfloat16 basis moves 17 * 2 + 12 = 46 B/param: its line uses its own floor, the column the fp32 one
+    times = {PROBE: [0.010], "gradsafe triton (bf16 basis)": [0.0069], "AdamW step (fused)": [0.1]}
+    floors = {PROBE: 80, "gradsafe triton (bf16 basis)": 46, "AdamW step (fused)": 28}
+    text = format_table(times, floors, 1_000_000)
+    row = next(line for line in text.splitlines() if line.startswith("gradsafe triton"))
+    assert row.split()[-5:-2] == ["6.900", "46", "0.69x"]
+    assert "gradsafe triton (bf16 basis): 1.20x its bytes floor (46 B/param at that rate)." in text
 
 
 def test_sweep_needs_cuda(capsys):
