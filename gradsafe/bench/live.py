@@ -163,11 +163,11 @@ def make_gpt2_problem(
     config = transformers.GPT2Config(
         n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab, n_positions=seq,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=vocab - 1, eos_token_id=vocab - 1,
-        loss_type="ForCausalLM",
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.GPT2LMHeadModel(config).to(device)
+    model.loss_type = "ForCausalLM"  # the default it would pick, named (else a warning each run)
     gen = torch.Generator().manual_seed(seed + 1)
 
     def batch_loss() -> Loss:
@@ -365,16 +365,17 @@ class ProblemTimes:
 
 def format_live_table(results: Sequence[ProblemTimes]) -> str:
     """One row per problem and variant: ms/step, the time over the matching hand loop's and over AdamW's."""
-    head = f"{'problem':26s} {'variant':38s} {'ms/step':>9s} {'/ hand':>7s} {'/ AdamW':>8s}"
+    wheres = [f"{res.problem.name} ({res.problem.label}, {res.problem.numel / 1e6:.2f}M)" for res in results]
+    width = max([26, *map(len, wheres)])
+    head = f"{'problem':{width}s} {'variant':38s} {'ms/step':>9s} {'/ hand':>7s} {'/ AdamW':>8s}"
     lines = [head, "-" * len(head)]
-    for res in results:
-        where = f"{res.problem.name} ({res.problem.label}, {res.problem.numel / 1e6:.2f}M)"
+    for res, where in zip(results, wheres):
         for key, t in res.median.items():
             hand = res.median.get(HAND_FOR.get(key, ""))
             adamw = res.median.get("a")
             vs_hand = f"{t / hand:6.2f}x" if hand else f"{'-':>7s}"
             vs_adamw = f"{t / adamw:7.2f}x" if adamw and key != "a" else f"{'-':>8s}"
-            lines.append(f"{where:26s} {VARIANTS[key]:38s} {t * 1e3:9.2f} {vs_hand} {vs_adamw}")
+            lines.append(f"{where:{width}s} {VARIANTS[key]:38s} {t * 1e3:9.2f} {vs_hand} {vs_adamw}")
     return "\n".join(lines)
 
 
@@ -424,6 +425,8 @@ def run_live(args: argparse.Namespace) -> int:
         times = time_interleaved({k: v.step for k, v in variants.items()}, repeats, steps, warmup, device)
         results.append(ProblemTimes(problem, {k: statistics.median(ts) for k, ts in times.items()}))
         backend_used = variants["c"].backend_name
+        if len(names) > 1:  # this problem's rows now (a full run takes minutes); the table at the end
+            print("\n".join(format_live_table(results[-1:]).splitlines()[2:]), flush=True)
     text = (
         f"gradsafe bench --live: AdamW lr {LR:.0e}, fp32, {device_label(device)}, gradsafe backend {backend_used}; "
         f"per problem {repeats} repeats x {steps} steps, round-robin over the variants, median"
