@@ -35,8 +35,10 @@ PINV_RTOL = 1e-6
 # A reference whose diagonal of H fell below this fraction of its squared norm before
 # projection lies (up to float rounding) inside the hard-projected subspace: the projection
 # already satisfies its constraint to rounding, and its q is rounding noise, so its
-# multiplier is fixed at 0 instead of being the ratio of two noises.
-DEGENERATE = 1e-10
+# multiplier is fixed at 0 instead of being the ratio of two noises. The Grams accumulate in
+# float32 (relative rounding ~1e-7 of |r|^2), so the cut is 1e-6: an independent part below
+# 1e-3 of the reference's norm, the same share at which PINV_RTOL calls directions dependent.
+DEGENERATE = 1e-6
 
 # In a QP on unit references, a reference whose squared part independent of the free ones
 # is at most this counts as dependent on them (H's numerical null space).

@@ -118,7 +118,9 @@ def _train(name: str, rank: int | None) -> dict:
         parts = obj.slices() if obj.config.scope == "tensor" else [slice(0, obj.numel)]
         checks.append(
             dict(
-                basis_leak=max(float((basis[:, sl] @ handed[sl]).abs().max()) for sl in parts) / float(handed.norm()),
+                # a conflict objective keeps no basis (rank 0): nothing can leak into it
+                basis_leak=max((float((basis[:, sl] @ handed[sl]).abs().max()) for sl in parts if basis.shape[0]),
+                               default=0.0) / float(handed.norm()),
                 ref_dot=min(float((refs[:, sl] @ handed[sl]).min()) for sl in parts) / float(handed.norm() * refs.norm()),
                 energy_removed=opt.report["safety"]["energy_removed"],
             )

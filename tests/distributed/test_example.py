@@ -157,7 +157,8 @@ def test_measured_bytes_match_formula(width, kw):
     for o in (a, b):
         # the measured storage (rows + Fisher) is exactly the formula; energies are the rest
         assert o.basis + o.references + o.fisher == mt.formula_bytes(o.entries, o.basis_rows, o.sample_rows)
-        assert 0 < o.other <= 4 * o.tensors * o.basis_rows
+        # "other": the basis energies (none for a conflict objective, which keeps no basis)
+        assert (0 < o.other if o.basis_rows else o.other == 0) and o.other <= 4 * o.tensors * o.basis_rows
     # per tensor: the same bytes, split by parameter
     per = mt.per_tensor_bytes(opt)
     assert sum(per.values()) == sum(o.basis + o.references + o.fisher for o in objs.values())
