@@ -183,6 +183,37 @@ def test_float64_zero_weight_step_is_bit_exact(small_parts, threads, mode):
         assert a.dtype == torch.float64 and torch.equal(a, g)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_zero_weights_are_not_added(small_parts, threads):
+    # an inactive constraint's rows are skipped, not added with weight 0: even -0.0 entries keep their sign
+    gen = torch.Generator().manual_seed(6)
+    opt = make_opt(BIG, gen=gen, backend=TorchBackend(threads=threads))
+    grads = rand_grads(opt, gen)
+    for g in grads:
+        g.view(-1)[::7] = -0.0
+    opt.protect("c", [[g + 0.3 * torch.randn(g.shape, generator=gen) for g in grads] for _ in range(2)], mode="conflict")
+    actual = step_capture(opt, grads)
+    for a, g in zip(actual, grads):
+        assert torch.equal(a, g) and torch.equal(torch.signbit(a), torch.signbit(g))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float64_with_an_idle_and_an_acting_objective_on_one_tensor(small_parts, threads):
+    # the idle conflict objective's rows are skipped; the projection's correction still lands whole
+    gen = torch.Generator().manual_seed(7)
+    opt = make_opt(BIG, dtype=torch.float64, gen=gen, backend=TorchBackend(threads=threads))
+    grads = rand_grads(opt, gen)
+    opt.protect("c", [[g + 0.3 * torch.randn(g.shape, generator=gen, dtype=torch.float64) for g in grads]
+                      for _ in range(2)], mode="conflict")
+    opt.protect("p", rand_samples(opt, 3, gen), mode="project")
+    originals = [g.clone() for g in grads]
+    actual = step_capture(opt, grads)
+    params = all_params(opt)
+    x, _ = reference_flat(opt, originals)
+    assert float((x - flatten(originals, params)).norm() / flatten(originals, params).norm()) > 0.01
+    assert rel_err(actual, torch.split(x, [p.numel() for p in params]), originals, params) <= 1e-6
+
+
 def plan_with_zero_columns(shapes, rank, seed, zero_every=3):
     """A global project objective whose orthonormal basis is zero on every ``zero_every``-th entry."""
     gen = torch.Generator().manual_seed(seed)
