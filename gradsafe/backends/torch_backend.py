@@ -55,13 +55,13 @@ class _Chunk:
 
     ``coef``: (position, lo, hi, operand, coefficient offset, whether this entry also reads
     the range's squared norm); ``apply``: (position, lo, hi, operand for the combine, weight
-    slice, whether it is the first write into the position's range in this chunk).
+    slice).
     An operand is a dense view of the rows (``(r, hi - lo)`` for the coefficients,
     ``(hi - lo, r)`` for the combine) or a ``LowRankRow`` (whole matrix, one chunk only).
     """
 
     coef: list[tuple[int, int, int, "torch.Tensor | LowRankRow", int, bool]] = field(default_factory=list)
-    apply: list[tuple[int, int, int, "torch.Tensor | LowRankRow", slice, bool]] = field(default_factory=list)
+    apply: list[tuple[int, int, int, "torch.Tensor | LowRankRow", slice]] = field(default_factory=list)
 
 
 @dataclass
@@ -177,13 +177,11 @@ def _views(plan: Plan, chunks: int) -> _Views:
                 lo, hi = where[pos]
                 view = op if isinstance(op, LowRankRow) or (lo == 0 and hi == op.shape[1]) else op[:, lo:hi]
                 chunk.coef.append((pos, lo, hi, view, offset, first))
-        written: set[int] = set()
         for pos, op, live in apply:
             if pos in where:
                 lo, hi = where[pos]
                 view = op if isinstance(op, LowRankRow) or (lo == 0 and hi == op.shape[0]) else op[lo:hi]
-                chunk.apply.append((pos, lo, hi, view, live, pos not in written))
-                written.add(pos)
+                chunk.apply.append((pos, lo, hi, view, live))
         out.append(chunk)
     cached = plan.cache[key] = _Views(out, any(pos in factored for pos, *_ in coef), float32_only, numels)
     return cached
@@ -206,17 +204,26 @@ def _coef_pass(chunk: _Chunk, work: list[torch.Tensor], coefs: torch.Tensor, nor
                 torch.dot(h, h, out=norms[pos])
 
 
-def _apply_pass(chunk: _Chunk, targets: list[torch.Tensor], fresh: list[bool], W: torch.Tensor) -> None:
-    """``target += rows^T w`` over one chunk's column ranges (``fresh`` targets are overwritten first)."""
-    for pos, lo, hi, rows_t, live, first in chunk.apply:
+def _apply_pass(chunk: _Chunk, targets: list[torch.Tensor], W: torch.Tensor, fresh: frozenset[int],
+                skip: frozenset[tuple[int, int]]) -> None:
+    """``target += rows^T w`` over one chunk's column ranges.
+
+    A position in ``fresh`` (a correction buffer) is overwritten by its first product; an
+    entry whose weights (``live``, as (start, stop)) are in ``skip`` is left out.
+    """
+    written: set[int] = set()
+    for pos, lo, hi, rows_t, live in chunk.apply:
+        if (live.start, live.stop) in skip:
+            continue
         h = targets[pos]
         if isinstance(rows_t, LowRankRow):
             rows_t.add_to(h.view(rows_t.shape), W[live])
             continue
         if hi - lo != h.shape[0]:
             h = h[lo:hi]
-        if first and fresh[pos]:
+        if pos in fresh and pos not in written:
             torch.mv(rows_t, W[live], out=h)
+            written.add(pos)
         else:
             h.addmv_(rows_t, W[live])
 
@@ -367,16 +374,18 @@ class TorchBackend:
             if compiling:
                 weights = np.where(finite, weights, 0.0)
             W = torch.from_numpy(weights.astype(np.float32)).to(plan.device)
-            fresh = [False] * len(work)
-            for i in wide:
-                fresh[i] = True
+            entries = _views(plan, 1).chunks[0].apply  # every (position, weights) pair once
+            skip: frozenset[tuple[int, int]] = frozenset()
+            if not compiling:  # adding zero (a conflict constraint that holds): skip the pass
+                skip = frozenset((e[4].start, e[4].stop) for e in entries if not weights[e[4]].any())
+            fresh = frozenset(wide)
             if threaded:  # last chunks first: their rows are the likeliest still in cache
-                _run_chunks([lambda p=p: _apply_pass(p, work, fresh, W) for p in views.chunks[::-1]], threads)
+                _run_chunks([lambda p=p: _apply_pass(p, work, W, fresh, skip) for p in views.chunks[::-1]], threads)
             else:
-                _apply_pass(views.chunks[0], work, fresh, W)
-            touched = {pos for p in views.chunks for pos, *_ in p.apply}
+                _apply_pass(views.chunks[0], work, W, fresh, skip)
+            touched = {pos for pos, *_, live in entries if (live.start, live.stop) not in skip}
             for i in wide:
-                if i in touched:
+                if i in touched:  # every chunk over it wrote its range of the buffer
                     own[i].add_(work[i])
 
         for t, w in writeback:
