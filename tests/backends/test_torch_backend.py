@@ -138,8 +138,9 @@ def test_split_step_matches_one_thread_and_reference(small_parts, seed, threads)
     assert rel_err(results[threads], results[1], originals, params) <= 1e-6
     for name, rep in reports[threads].items():  # the report reads the summed coefficients and norms
         for key, value in rep.items():
-            # predicted_change is a difference of terms of size ~|r| |h| (~10 here): absolute
-            atol = 1e-3 if key == "predicted_change" else 1e-7
+            # the predicted changes are sums of terms of size ~|r| |h| (~10 here) that cancel:
+            # chunked float32 partial sums round them at ~1e-4 absolute
+            atol = 1e-3 if key.startswith("predicted_change") else 1e-7
             assert value == pytest.approx(reports[1][name][key], rel=1e-5, abs=atol), (name, key)
 
 
