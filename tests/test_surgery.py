@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from gradsafe.surgery import (
@@ -312,6 +312,7 @@ def test_damp_known_values():
 
 @settings(max_examples=40, deadline=None)
 @given(shape=shapes(), overlap=st.sampled_from(["disjoint", "partial", "identical", "same-span"]))
+@example(shape=(4097, 2, torch.float32, 0), overlap="same-span")  # float32 rounding of one span: not extra directions
 def test_joint_bases_only_is_union_projection(shape, overlap):
     n, k, dtype, seed = shape
     gen = torch.Generator().manual_seed(seed)
