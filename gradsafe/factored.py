@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .numerics import PINV_RTOL, LowRankRow
+from .numerics import LowRankRow, equilibrated_pinv
 from .subspace import merge_basis
 
 __all__ = [
@@ -255,7 +255,7 @@ def side_kinv(rows: list[torch.Tensor], strengths: list[float], shard=None) -> t
     if shard is not None:
         shard.all_reduce_(gram, kind="plan_all_reduce")
     K = gram + torch.diag(E)
-    return torch.linalg.pinv(K, rtol=PINV_RTOL, hermitian=True).to(torch.float32)
+    return torch.from_numpy(equilibrated_pinv(K.cpu().numpy())).to(device=B.device, dtype=torch.float32)
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from threadpoolctl import ThreadpoolController
 
 __all__ = [
     "PINV_RTOL",
+    "equilibrated_pinv",
     "DEGENERATE",
     "NULL_RTOL",
     "single_threaded_blas",
@@ -80,6 +81,23 @@ def single_threaded_blas() -> Iterator[None]:
             if _depth == 0 and _limiter is not None:
                 _limiter.restore_original_limits()
                 _limiter = None
+
+
+def equilibrated_pinv(K: np.ndarray) -> np.ndarray:
+    """A pseudo-inverse of the PSD ``K`` (or a batch ``(..., m, m)``) whose rank cut does not
+    depend on the columns' scales.
+
+    A cut relative to the largest eigenvalue of ``K`` would drop a column whose norm is tiny
+    beside another's (a reference 1e-6 times smaller; a hard basis column beside a soft one's
+    penalty ``E = 1e6``). With ``D = diag(K)^(-1/2)`` (1 on zero columns), ``D K D`` has a
+    unit diagonal and the cut (``PINV_RTOL``) sees only dependence between columns: a column
+    whose independent part is below 1e-3 of its norm. ``D (D K D)^+ D`` solves ``K mu = a``
+    for every ``a`` in ``K``'s range, which is all its callers need.
+    """
+    d = np.diagonal(K, axis1=-2, axis2=-1)
+    scale = np.where(d > 0, 1.0 / np.sqrt(np.where(d > 0, d, 1.0)), 1.0)
+    outer = scale[..., :, None] * scale[..., None, :]
+    return np.linalg.pinv(K * outer, rcond=PINV_RTOL, hermitian=True) * outer
 
 
 # ---------------------------------------------------------------------- low-rank operands

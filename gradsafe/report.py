@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .factored import STAT_BOTH, STAT_DOT, STAT_DOT_AFTER, STAT_LEFT, STAT_RIGHT
-from .numerics import PINV_RTOL, LowRankRow, operand_gram, operand_inner
+from .numerics import LowRankRow, equilibrated_pinv, operand_gram, operand_inner
 from .sharding import all_reduce_arrays
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -101,7 +101,7 @@ class ReportConstants:
         if grams.shape[-1] == 1:  # one constraint (A-GEM): 1 / |r|^2, or 0 for a zero reference
             self.constraint_pinv[bi] = np.divide(1.0, grams, out=np.zeros_like(grams), where=grams > 0)
         else:
-            self.constraint_pinv[bi] = np.linalg.pinv(grams, rcond=PINV_RTOL, hermitian=True)
+            self.constraint_pinv[bi] = equilibrated_pinv(grams)
 
 
 def _gram_column(plan: "Plan", bi: int, p: int) -> np.ndarray:

@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .numerics import PINV_RTOL, operand_gram, operand_inner, single_threaded_blas
+from .numerics import equilibrated_pinv, operand_gram, operand_inner, single_threaded_blas
 from .qp import solve_nonneg_qp_batch
 
 if TYPE_CHECKING:  # pragma: no cover
     from .plan import Block
 
-__all__ = ["HostRule", "equilibrated_pinv"]
+__all__ = ["HostRule"]
 
 
 @dataclass
@@ -49,22 +49,6 @@ class _Segment:
 
     def size(self, num_tensors: int) -> int:
         return len(self.rows) * (num_tensors if self.per_tensor else 1)
-
-
-def equilibrated_pinv(K: np.ndarray) -> np.ndarray:
-    """A pseudo-inverse of the PSD ``K`` whose rank cut does not depend on the columns' scales.
-
-    ``K = G + diag(E)``: a soft column's penalty ``E`` can exceed a hard column's Gram
-    diagonal by many orders (strength 1e-6 gives ``E = 1e6``), and a cut relative to the
-    largest eigenvalue of ``K`` would then drop the hard columns. With ``D = diag(K)^(-1/2)``
-    (1 on zero columns), ``D K D`` has a unit diagonal and the cut sees only dependence
-    between columns; ``D (D K D)^+ D`` solves ``K mu = a`` for every ``a`` in ``K``'s
-    range, which is all the rule needs (its ``a`` and ``G_AR`` columns lie there).
-    """
-    d = np.diag(K).copy()
-    scale = np.where(d > 0, 1.0 / np.sqrt(np.where(d > 0, d, 1.0)), 1.0)
-    inner = np.linalg.pinv(K * scale[:, None] * scale[None, :], rcond=PINV_RTOL, hermitian=True)
-    return inner * scale[:, None] * scale[None, :]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .numerics import PINV_RTOL
+from .numerics import equilibrated_pinv
 from .qp import solve_nonneg_qp
 
 __all__ = [
@@ -132,13 +132,10 @@ def joint_surgery(
     E = torch.cat(E_diag).to(h.device) if E_diag else h.new_zeros(0)
 
     # Stationarity: x = h - A^T mu + R^T lam with (A A^T + E) mu = A h + A R^T lam.
-    # directions whose independent part is below 1e-3 of their norm are dependent
-    # (PINV_RTOL, on the unit-diagonal K, as the rule does): bases rounded to float32 that
-    # span one subspace must not leave their rounding differences as extra directions
-    K = A @ A.T + torch.diag(E)
-    d = K.diagonal()
-    scale = torch.where(d > 0, d.clamp_min(1e-300).rsqrt(), torch.ones_like(d))
-    K_pinv = torch.linalg.pinv(K * scale[:, None] * scale[None, :], rtol=PINV_RTOL, hermitian=True) * scale[:, None] * scale[None, :]
+    # the rule's dependence cut: bases rounded to float32 that span one subspace must not
+    # leave their rounding differences as extra directions
+    K = (A @ A.T + torch.diag(E)).cpu().numpy()
+    K_pinv = torch.as_tensor(equilibrated_pinv(K), dtype=torch.float64, device=h.device)
     a = A @ h
     b = R @ h
     G_AR = A @ R.T

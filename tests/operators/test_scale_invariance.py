@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradsafe import ProtectedOptimizer
-from gradsafe.rule import equilibrated_pinv
+from gradsafe.numerics import equilibrated_pinv
 
 
 @pytest.mark.parametrize("strength", [1e-6, 1e-9, 0.5])
@@ -53,3 +53,15 @@ def test_update_space_float64_surgery_is_float64_accurate_off_the_rows():
     expect = start - 1e-9 * step
     expect[0] = start[0]
     torch.testing.assert_close(p.detach(), expect, rtol=0, atol=1e-15 * 1e3)
+
+
+def test_the_monitor_sees_a_small_reference_of_its_own_span():
+    """energy_in_subspace of a GEM objective: a reference 1e-6 the size of the other still
+    spans its direction (the report's pseudo-inverse is the rule's, scale-invariant)."""
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = ProtectedOptimizer(torch.optim.SGD([p], lr=1.0))
+    refs = [torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1e-6, 0.0], dtype=torch.float64)]
+    opt.protect("gem", [[r] for r in refs], mode="conflict", references="samples", rank=2)
+    p.grad = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    opt.step()
+    assert opt.report["gem"]["energy_in_subspace"] == pytest.approx(1.0, rel=1e-6)
