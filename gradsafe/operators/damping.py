@@ -33,8 +33,7 @@ def keeps_fisher(scope: str, damping: float, ewc: float = 0.0) -> bool:
 
 def merge_fisher(previous: torch.Tensor | None, S: torch.Tensor, decay: float) -> torch.Tensor:
     """The online average of the previous Fisher and the mean of squared rows of ``S`` (m, N)."""
-    s = S.to(torch.float32)
-    new = (s * s).mean(dim=0)
+    new = mean_squared(None, 0, S)
     if previous is None:
         return new
     return previous * decay + new * (1.0 - decay)
@@ -44,10 +43,9 @@ def mean_squared(previous: torch.Tensor | None, count: int, S: torch.Tensor) -> 
     """The mean of the squared rows of ``S`` (m, N) together with ``count`` earlier samples
     whose mean square is ``previous`` (``None``: no earlier samples)."""
     s = S.to(torch.float32)
-    total = (s * s).sum(dim=0)
     if previous is None or count == 0:
-        return total / s.shape[0]
-    return (previous * count + total) / (count + s.shape[0])
+        return (s * s).mean(dim=0)
+    return (previous * count + (s * s).sum(dim=0)) / (count + s.shape[0])
 
 
 def normalized(fisher: torch.Tensor, mean: float | None = None) -> torch.Tensor:

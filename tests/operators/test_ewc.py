@@ -62,33 +62,33 @@ def test_adamw_reads_the_penalised_gradient():
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-6)
 
 
-def test_converges_to_ewcs_stationary_point():
-    """Task loss 1/2 |theta - c|^2 plus the penalty: the minimiser is (c + lam F theta*) / (1 + lam F)."""
+def _train_on_quadratic(**options):
+    """3000 SGD steps on the task loss 1/2 |theta - c|^2 with one protected objective; returns
+    the end point, c, the parameters at registration and the samples' Fisher."""
     params, S, g = _setup(dtype=torch.float64, n=(6,))
     (p,) = params
     c = torch.randn(6, generator=g, dtype=torch.float64)
     opt = ProtectedOptimizer(torch.optim.SGD(params, lr=0.05))
-    opt.protect("task", S, mode="observe", ewc=4.0)
+    opt.protect("task", S, mode="observe", **options)
     anchor = p.detach().clone()
-    (F,) = _fisher(S)
     for _ in range(3000):
         p.grad = p.detach() - c
         opt.step()
-    lam_f = 4.0 * F.double()
-    torch.testing.assert_close(p.detach(), (c + lam_f * anchor) / (1 + lam_f), rtol=1e-9, atol=1e-9)
+    (F,) = _fisher(S)
+    return p.detach(), c, anchor, F.double()
+
+
+def test_converges_to_ewcs_stationary_point():
+    """Task loss plus the penalty: the minimiser is (c + lam F theta*) / (1 + lam F)."""
+    end, c, anchor, F = _train_on_quadratic(ewc=4.0)
+    lam_f = 4.0 * F
+    torch.testing.assert_close(end, (c + lam_f * anchor) / (1 + lam_f), rtol=1e-9, atol=1e-9)
 
 
 def test_damping_is_not_ewc():
     """The preconditioner has no anchor: on the same problem it ends at the task's minimiser."""
-    params, S, g = _setup(dtype=torch.float64, n=(6,))
-    (p,) = params
-    c = torch.randn(6, generator=g, dtype=torch.float64)
-    opt = ProtectedOptimizer(torch.optim.SGD(params, lr=0.05))
-    opt.protect("task", S, mode="observe", damping=4.0)
-    for _ in range(3000):
-        p.grad = p.detach() - c
-        opt.step()
-    torch.testing.assert_close(p.detach(), c, rtol=1e-6, atol=1e-6)
+    end, c, _, _ = _train_on_quadratic(damping=4.0)
+    torch.testing.assert_close(end, c, rtol=1e-6, atol=1e-6)
 
 
 def test_given_anchor_and_fisher_and_l2sp():
