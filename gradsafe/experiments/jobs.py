@@ -28,7 +28,7 @@ from .methods import METHODS, method_names
 from .scenario import Scenario, Setting
 
 __all__ = ["SCENARIOS", "FACTORIES", "DEV_SEEDS", "REPORT_SEEDS", "StudyConfig", "Job", "make_scenario", "make_config", "grid",
-           "default_setting", "tune_jobs", "report_jobs", "execute", "load_selection", "TUNED_PATH"]
+           "default_setting", "tune_jobs", "report_jobs", "execute", "read_journal", "load_selection", "TUNED_PATH"]
 
 SCENARIOS = ("continual", "safety")  # the default study; ``FACTORIES`` may hold more plug-ins
 DEV_SEEDS = (100, 101)
@@ -203,9 +203,44 @@ def _work(job: Job, quick: bool, pretrained: dict[str, Any] | None) -> dict[str,
         torch.set_num_threads(threads)
 
 
+def _job_record(job: Job) -> dict[str, Any]:
+    return {"kind": job.kind, "scenario": job.scenario, "seed": job.seed, "key": job.key, "condition": job.condition,
+            "method": job.method, "setting": None if job.setting is None else job.setting.as_dict(), "phase": job.phase}
+
+
+def _job_from(d: dict[str, Any]) -> Job:
+    return Job(d["kind"], d["scenario"], int(d["seed"]), d["key"], d["condition"], d["method"],
+               None if d["setting"] is None else Setting.from_dict(d["setting"]), d["phase"])
+
+
+def read_journal(path: str) -> dict[Job, dict[str, Any]]:
+    """The runs a journal (``execute(journal=...)``) holds; a last line cut short by an interruption is skipped."""
+    out: dict[Job, dict[str, Any]] = {}
+    if not os.path.isfile(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out[_job_from(rec["job"])] = rec["result"]
+    return out
+
+
 def execute(runs: Sequence[Job], quick: bool, workers: int = 2, progress: bool = False,
-            desc: str = "gradsafe demo") -> dict[Job, dict[str, Any]]:
-    """Run ``runs`` and the pretrains they need (each pretrain first, its runs as soon as it is done)."""
+            desc: str = "gradsafe demo", journal: str | None = None) -> dict[Job, dict[str, Any]]:
+    """Run ``runs`` and the pretrains they need (each pretrain first, its runs as soon as it is done).
+
+    ``journal``: a JSON-lines file; every finished run is appended to it, and runs it already
+    holds are not run again (an interrupted study resumes where it stopped).
+    """
+    results: dict[Job, dict[str, Any]] = {}
+    if journal:
+        wanted = set(runs)
+        results = {j: r for j, r in read_journal(journal).items() if j in wanted}
+        runs = [r for r in runs if r not in results]
+    log = open(journal, "a") if journal else None
     pre_of = {r: Job("pretrain", r.scenario, r.seed, r.key) for r in runs}
     pres = list(dict.fromkeys(sorted(pre_of.values(), key=lambda j: j.scenario != "safety")))  # slow ones first
     waiting: dict[Job, list[Job]] = {p: [] for p in pres}
@@ -215,9 +250,11 @@ def execute(runs: Sequence[Job], quick: bool, workers: int = 2, progress: bool =
     if progress:
         tqdm = require("tqdm.auto", "demo", "the study's progress bar").tqdm
         bar = tqdm(total=len(pres) + len(runs), desc=desc, unit="run", leave=False)
-    results: dict[Job, dict[str, Any]] = {}
 
     def done(job: Job) -> None:
+        if log is not None and job.kind == "run":
+            log.write(json.dumps({"job": _job_record(job), "result": results[job]}) + "\n")
+            log.flush()
         if bar is not None:
             bar.set_postfix_str(f"{job.scenario} {job.seed} {job.method or 'pretrain'}", refresh=False)
             bar.update(1)
@@ -246,4 +283,6 @@ def execute(runs: Sequence[Job], quick: bool, workers: int = 2, progress: bool =
     finally:
         if bar is not None:
             bar.close()
+        if log is not None:
+            log.close()
     return results

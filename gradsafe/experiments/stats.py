@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .jobs import Job, StudyConfig, make_scenario
+from .jobs import Job, StudyConfig, grid, make_scenario
 from .methods import METHODS
 from .scenario import Setting
 
@@ -102,7 +102,11 @@ def summarise(values: Sequence[float]) -> dict[str, Any]:
 
 
 def select(cfg: StudyConfig, results: dict[Job, dict[str, Any]]) -> dict[str, Any]:
-    """The tuning's selection: per scenario and method the best setting, and every development score."""
+    """The tuning's selection: per scenario and method the best setting, and every development score.
+
+    A method is selected only when its whole grid ran on every development seed; the others
+    are listed as ``incomplete`` (an interrupted tuning) and report untuned.
+    """
     out: dict[str, Any] = {}
     for name in cfg.scenarios:
         sc = make_scenario(name, cfg.quick)
@@ -115,13 +119,19 @@ def select(cfg: StudyConfig, results: dict[Job, dict[str, Any]]) -> dict[str, An
                 entry["values"].append(sc.criterion(res["final"]))
                 entry["seeds"].append(job.seed)
         chosen = {}
+        incomplete = []
         for method, by_setting in scores.items():
             for e in by_setting.values():
                 e["mean"] = float(np.mean(e["values"]))
+            complete = {s.key() for s in grid(sc, method)} <= set(by_setting) and all(
+                sorted(e["seeds"]) == sorted(cfg.dev_seeds) for e in by_setting.values())
+            if not complete:  # a selection over part of the grid would not be the protocol's
+                incomplete.append(method)
+                continue
             best = max(by_setting.values(), key=lambda e: (round(e["mean"], 9), -e["setting"]["steps"], -e["setting"]["lr"]))
             chosen[method] = best["setting"]
         out[name] = {"selected": chosen, "scores": scores, "criterion": sc.criterion_label,
-                     "condition": sc.tuned_condition}
+                     "condition": sc.tuned_condition, "incomplete": incomplete}
     return out
 
 

@@ -85,10 +85,13 @@ def write_outputs(agg: dict[str, Any], out_dir: str, report: str) -> dict[str, s
     return write_plots(agg, out_dir, report, write_tables(agg, out_dir, report))
 
 
-def tune(cfg: StudyConfig, progress: bool = False) -> dict[str, Any]:
-    """The tuning stage: every method over its grid on the development seeds; returns the selection record."""
+def tune(cfg: StudyConfig, progress: bool = False, journal: str | None = None) -> dict[str, Any]:
+    """The tuning stage: every method over its grid on the development seeds; returns the selection record.
+
+    ``journal``: see ``jobs.execute`` (an interrupted tuning resumes from it).
+    """
     t0 = time.perf_counter()
-    results = execute(tune_jobs(cfg), cfg.quick, cfg.workers, progress, desc="tuning")
+    results = execute(tune_jobs(cfg), cfg.quick, cfg.workers, progress, desc="tuning", journal=journal)
     return {
         "command": "gradsafe " + " ".join(sys.argv[1:]) if sys.argv else "gradsafe demo --tune",
         "date": datetime.date.today().isoformat(),
@@ -107,7 +110,7 @@ def run_study(cfg: StudyConfig, out_dir: str | None = "results", progress: bool 
         os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     if cfg.tune:
-        record = tune(cfg, progress)
+        record = tune(cfg, progress, journal=os.path.join(out_dir, "tuning.jsonl") if out_dir else None)
         if out_dir:
             with open(os.path.join(out_dir, "tuned.json"), "w") as f:
                 json.dump(_clean(record), f, indent=1)
@@ -115,7 +118,8 @@ def run_study(cfg: StudyConfig, out_dir: str | None = "results", progress: bool 
     else:
         record = cfg.stored
     settings, untuned = settings_from(record.get("selection", {}), cfg, default_setting)
-    results = execute(report_jobs(cfg, settings), cfg.quick, cfg.workers, progress, desc="report")
+    results = execute(report_jobs(cfg, settings), cfg.quick, cfg.workers, progress, desc="report",
+                      journal=os.path.join(out_dir, "report.jsonl") if out_dir and cfg.tune else None)
     wall = time.perf_counter() - t0
     agg = aggregate(cfg, results, settings, untuned, record.get("selection", {}), wall_seconds=wall)
     agg["meta"]["selection_source"] = {k: record.get(k) for k in ("command", "date", "dev_seeds", "wall_seconds", "note")}

@@ -126,3 +126,17 @@ def test_a_third_scenario_plugs_in_without_touching_the_protocol(tmp_path, monke
     assert "## blobs: two blob tasks" in md and "### blobs: `shift`" in md
     assert (tmp_path / "blobs_pareto.png").stat().st_size > 1000
     assert agg["predictions"]["a"]["verdict"] == "not run"  # the predictions need the two domains
+    # the tuning's journal: a second tuning reruns nothing and selects the same
+    journal = tmp_path / "tuning.jsonl"
+    assert len(journal.read_text().splitlines()) == 2 * (1 + 2 + 2)  # dev seeds x (plain, replay's 2, ewc's 2)
+    assert study.tune(cfg, journal=str(journal))["selection"]["blobs"]["selected"] == sel["selected"]
+    assert len(journal.read_text().splitlines()) == 10
+    # an interrupted tuning: a method whose grid did not finish is not selected
+    from gradsafe.experiments import stats
+
+    results = jobs.read_journal(str(journal))
+    dropped = next(j for j in results if j.method == "replay")
+    del results[dropped]
+    part = stats.select(cfg, results)["blobs"]
+    assert "replay" not in part["selected"] and part["incomplete"] == ["replay"]
+    assert part["selected"]["ewc"] == sel["selected"]["ewc"]
