@@ -62,7 +62,8 @@ class Protected:
         self.pool = memory if pool is None else pool
         self.anchor = [p.detach().clone() for p in model.parameters()]
         self._samples: dict[str, list[Sample]] = {}
-        self.example_grads = 0  # spent building samples and bases
+        self.activation_bases: dict[float, Any] = {}  # GPM's, by energy threshold
+        self.example_grads = 0  # spent building gradient samples
 
     def __len__(self) -> int:
         return len(self.memory)
@@ -207,14 +208,12 @@ def _ogd(opt: ProtectedOptimizer, protected: Sequence[Protected], k: dict[str, f
 
 
 def _gpm(opt: ProtectedOptimizer, protected: Sequence[Protected], k: dict[str, float], closures: list) -> None:
-    for p in protected:
-        if not hasattr(p, "_gpm_bases"):
-            p._gpm_bases = {}  # type: ignore[attr-defined]
-        key = float(k["energy"])
-        if key not in p._gpm_bases:  # type: ignore[attr-defined]
-            p._gpm_bases[key] = collect_activation_bases(  # type: ignore[attr-defined]
-                p.model, [p.memory], energy=key, forward=lambda m, b, p=p: p.forward_fn(m, b))
-        opt.protect(p.name, bases=p._gpm_bases[key], mode="project")  # type: ignore[attr-defined]
+    for p in protected:  # bases of each layer's inputs on the set's memory, taken when it was learnt (Saha et al. 2021)
+        energy = float(k["energy"])
+        if energy not in p.activation_bases:
+            p.activation_bases[energy] = collect_activation_bases(
+                p.model, [p.memory], energy=energy, forward=lambda m, b, p=p: p.forward_fn(m, b))
+        opt.protect(p.name, bases=p.activation_bases[energy], mode="project")
 
 
 def _sgp(opt: ProtectedOptimizer, protected: Sequence[Protected], k: dict[str, float], closures: list) -> None:

@@ -19,10 +19,27 @@ from typing import Any
 
 import numpy as np
 
-from .jobs import SCENARIOS, Job, StudyConfig, default_setting, execute, make_config, report_jobs, tune_jobs
+from .jobs import (
+    SCENARIOS,
+    Job,
+    StudyConfig,
+    default_setting,
+    execute,
+    make_config,
+    report_jobs,
+    tune_jobs,
+)
 from .plots import plot_curves, plot_pareto
 from .predictions import all_predictions
-from .stats import aggregate, bootstrap_ci, pearson, rankdata, select, settings_from, spearman
+from .stats import (
+    aggregate,
+    bootstrap_ci,
+    pearson,
+    rankdata,
+    select,
+    settings_from,
+    spearman,
+)
 from .tables import format_report
 
 __all__ = ["SCENARIOS", "StudyConfig", "Job", "make_config", "execute", "aggregate", "pearson", "rankdata",

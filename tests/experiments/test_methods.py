@@ -8,7 +8,13 @@ from torch.nn import functional as F
 
 from gradsafe import ProtectedOptimizer
 from gradsafe.experiments import continual
-from gradsafe.experiments.methods import METHODS, Protected, build, kl_rows, method_names
+from gradsafe.experiments.methods import (
+    METHODS,
+    Protected,
+    build,
+    kl_rows,
+    method_names,
+)
 from gradsafe.experiments.runner import Stage, initial_cosine, run_stage
 
 
