@@ -131,7 +131,7 @@ def make_config(quick: bool = False, scenarios: Sequence[str] | None = None, see
         tune=tune or full,
         conditions=conditions,
         plain_conditions=plain_only,
-        stored=load_selection(),
+        stored={"selection": {}} if quick else load_selection(),  # the selection is the full protocol's
         workers=max(1, int(workers)),
     )
 

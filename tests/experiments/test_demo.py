@@ -68,7 +68,7 @@ def test_quick_json_structure(quick_run):
     s = res["safety"]["conditions"]["harmful-0.1"]["methods"]["plain"]["final"]
     assert set(s) >= {"refusal", "new_acc", "benign_acc", "refusal_drop", "refusal_align"}
     assert res["safety"]["aligned"]["refusal"]["mean"] > 0.5  # the aligned model refuses the held-out family
-    assert res["meta"]["untuned"]  # the shipped tuned.json has no selection: said in the results
+    assert res["meta"]["untuned"]["safety"] == list(QUICK_METHODS)  # quick ignores the protocol's selection, and says so
     for key in "abcd":
         assert res["predictions"][key]["verdict"] in ("confirmed", "refuted", "inconclusive", "not run")
 
@@ -95,6 +95,11 @@ def test_grid_is_the_protocols():
     assert {j.seed for j in tune} == set(jobs.DEV_SEEDS) and not set(jobs.DEV_SEEDS) & set(cfg.report_seeds)
     assert {j.condition for j in tune} == {"permuted", "harmful-0.1"}
     assert len(cfg.report_seeds) >= 5
+    stored = jobs.load_selection()  # the shipped selection: every setting is a point of the protocol's grid
+    for scen, block in stored["selection"].items():
+        sc = jobs.make_scenario(scen)
+        for method, chosen in block["selected"].items():
+            assert chosen in [s.as_dict() for s in jobs.grid(sc, method)], (scen, method)
 
 
 def test_parse_seeds_and_config():
