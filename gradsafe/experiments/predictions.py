@@ -65,6 +65,8 @@ def hyper_transfer(agg: dict[str, Any]) -> dict[str, Any]:
     for src, dst in (("continual", "safety"), ("safety", "continual")):
         for method, chosen in sel[src]["selected"].items():
             knobs = chosen["knobs"]
+            if method not in sel[dst].get("selected", {}):  # its grid did not finish there: no regret to read
+                continue
             scores = sel[dst]["scores"].get(method)
             if not knobs or not scores:
                 continue

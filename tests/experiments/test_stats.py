@@ -80,6 +80,9 @@ def test_prediction_b_regret():
     b = predictions.hyper_transfer(sel(1.0, 2.0))
     assert b["median_regret"] == pytest.approx(1.0) and b["verdict"] == "refuted"
     assert predictions.hyper_transfer({"selection": {}})["verdict"] == "not run"
+    partial = sel(1.0, 2.0)
+    partial["selection"]["safety"]["selected"] = {}  # an unfinished grid in one domain
+    assert predictions.hyper_transfer(partial)["verdict"] == "not run"
 
 
 def _stage(protected, predicted, cosine=0.0):
