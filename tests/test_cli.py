@@ -163,12 +163,12 @@ def test_tables_are_written_before_the_plots(tmp_path, monkeypatch):
     def broken_plot(*args, **kwargs):
         raise RuntimeError("the plot failed")
 
-    monkeypatch.setattr(study, "plot_scenario", broken_plot)
-    agg = {"meta": {"methods": ["plain"]},
-           "continual": {"config": {"setting": "permuted", "n_tasks": 3, "steps": 10}, "runs": []}}
+    monkeypatch.setattr(study, "plot_pareto", broken_plot)
+    agg = {"meta": {"methods": ["plain"], "scenarios": ["continual"]},
+           "continual": {"config": {"tuned_condition": "permuted"}, "conditions": {}, "runs": []}}
     with pytest.raises(RuntimeError, match="the plot failed"):
         study.write_outputs(agg, str(tmp_path / "results"), "the report\n")
-    assert json.loads((tmp_path / "results" / "results.json").read_text())["meta"] == {"methods": ["plain"]}
+    assert json.loads((tmp_path / "results" / "results.json").read_text())["meta"] == agg["meta"]
     assert "the report" in (tmp_path / "results" / "results.md").read_text()
 
 

@@ -1,19 +1,16 @@
-"""``gradsafe demo``: the study of forgetting and safety erosion as one mechanism.
+"""``gradsafe demo``: the study of forgetting and safety erosion as one mechanism, by the protocol
+of docs/study.md.
 
-Two scenarios, one tool (``ProtectedOptimizer``), one monitor:
+Two scenario plug-ins (``continual``: digits, 10 permuted tasks and class-incremental split
+digits; ``safety``: a tiny transformer, a label-flip toy with identity-shift and benign-only
+conditions), 17 methods (``methods.METHODS``: plain, replay, LwF, KL, EWC, online EWC,
+L2-SP, Fisher damping, OGD, GPM, SGP, A-GEM, GEM, SafeGrad, two combinations, joint).
 
-1. continual learning on scikit-learn's digits (``continual``): a small MLP learns a
-   sequence of permuted-digit tasks (and, in the full run, of class-incremental split-digit
-   tasks); how much of the earlier tasks does each method keep?
-2. safety erosion (``safety``): a tiny transformer aligned from scratch to refuse harmful
-   requests is fine-tuned on a new task mixed with a fraction p of harmful requests answered
-   compliantly; how much of its refusal does each method keep?
-
-The methods (``methods.METHODS``) are AdamW alone (the baseline) and ProtectedOptimizer
-configurations around the same AdamW, with the same protected data budget. Tables (mean ± std over seeds), the thesis
-test (the monitor's predicted protected-loss change against the measured change, both
-domains) and the acceptance verdicts are printed and written to ``--out`` as Markdown and
-JSON (written as soon as the tables exist), then the PNG plots.
+- default: the report stage on the report seeds, with the hyperparameters stored in
+  ``tuned.json`` (methods without a stored selection run untuned, and the report says so);
+- ``--tune``: rerun the tuning on the development seeds first (its selection is written to
+  ``--out``/tuned.json); ``--full``: ``--tune`` and every method on every condition;
+- ``--quick``: a smoke run (one seed, five methods, small sizes) whose numbers mean nothing.
 
 It needs the ``[demo]`` extra (scikit-learn's digits, matplotlib, tqdm for the progress bar):
 ``run`` checks for it first and raises ``MissingDependency``, which the command line prints
@@ -87,11 +84,13 @@ def check_output_dir(out: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``gradsafe demo``."""
-    parser.add_argument("--quick", action="store_true", help="reduced run: 1 seed, 4 methods, fewer steps (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 5 methods, small sizes (under a minute)")
+    parser.add_argument("--tune", action="store_true", help="rerun the tuning on the development seeds first")
+    parser.add_argument("--full", action="store_true", help="the whole protocol: tuning, then every method on every condition")
     parser.add_argument("--scenario", choices=("all",) + SCENARIOS, default="all",
                         help="which scenario to run (default: all)")
     parser.add_argument("--seeds", type=parse_seeds, default=None, metavar="N|LIST",
-                        help="number of seeds (0..N-1) or a comma-separated list (default: 3, quick: 1)")
+                        help="report seeds: a count (0..N-1) or a comma-separated list (default: 5, quick: 1)")
     parser.add_argument("--out", metavar="DIR", default="results",
                         help="folder for results.md, results.json and the PNGs (default: results)")
     parser.add_argument("--methods", default=None, metavar="LIST",
@@ -128,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
             seeds=getattr(args, "seeds", None),
             methods=None if not methods else [m.strip() for m in methods.split(",") if m.strip()],
             workers=getattr(args, "workers", 2),
+            tune=bool(getattr(args, "tune", False)),
+            full=bool(getattr(args, "full", False)),
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None

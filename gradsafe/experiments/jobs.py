@@ -1,16 +1,21 @@
-"""The study's jobs: its configuration, the jobs it runs and how they are scheduled.
+"""The study's jobs: its configuration, the tuning grid, the jobs and how they are scheduled.
 
-Per scenario and seed one ``pretrain`` job (task 1, or the aligned model), then one ``run``
-job per method (and, for safety, per harmful fraction) from that pretrained model. Jobs run
-on ``workers`` processes (one torch thread each); every job seeds itself, so the results do
-not depend on the number of workers or on the order in which jobs finish.
+The protocol (docs/study.md) has two stages. *Tuning*: every method, on the development
+seeds, on each scenario's tuned condition, over the grid (``grid``): learning rate x steps x
+the method's own knobs. *Report*: every method with its selected setting on the report
+seeds, on the report conditions. Per scenario, seed and pretrained model one ``pretrain``
+job, then ``run`` jobs from it. Jobs run on ``workers`` processes (one torch thread each);
+every job seeds itself, so results do not depend on the number of workers or the order.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import multiprocessing
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,163 +24,265 @@ import torch
 
 from .._optional import require
 from . import continual, safety
-from .methods import METHODS, Hyper, method_names
+from .methods import METHODS, method_names
+from .scenario import Scenario, Setting
 
-__all__ = ["SCENARIOS", "StudyConfig", "Job", "make_config", "pretrain_jobs", "run_jobs", "execute"]
+__all__ = ["SCENARIOS", "FACTORIES", "DEV_SEEDS", "REPORT_SEEDS", "StudyConfig", "Job", "make_scenario", "make_config", "grid",
+           "default_setting", "tune_jobs", "report_jobs", "execute", "read_journal", "load_selection", "TUNED_PATH"]
 
-SCENARIOS = ("continual", "safety")
+SCENARIOS = ("continual", "safety")  # the default study; ``FACTORIES`` may hold more plug-ins
+DEV_SEEDS = (100, 101)
+REPORT_SEEDS = (0, 1, 2, 3, 4)
+TUNED_PATH = os.path.join(os.path.dirname(__file__), "tuned.json")
+
+
+# name -> factory(quick): a new scenario plug-in adds its entry here (or at run time)
+FACTORIES: dict[str, Callable[[bool], Scenario]] = {
+    "continual": lambda quick: continual.ContinualScenario(config=continual.QUICK if quick else continual.FULL),
+    "safety": lambda quick: safety.SafetyScenario(config=safety.QUICK if quick else safety.FULL),
+}
+
+
+def make_scenario(name: str, quick: bool = False) -> Scenario:
+    """The scenario plug-in ``name`` (full or ``--quick`` sizes)."""
+    if name not in FACTORIES:
+        raise ValueError(f"unknown scenario {name!r}; expected one of {tuple(FACTORIES)}")
+    return FACTORIES[name](quick)
+
+
+def grid(scenario: Scenario, method: str) -> list[Setting]:
+    """The protocol's grid for ``method`` in ``scenario``: learning rate x steps x own knobs."""
+    m = METHODS[method]
+    knob_names = sorted(m.knobs)
+    out = []
+    for lr, steps in itertools.product(scenario.lr_grid[m.base], scenario.steps_grid):
+        for values in itertools.product(*(m.knobs[k] for k in knob_names)):
+            out.append(Setting(float(lr), int(steps), tuple(zip(knob_names, (float(v) for v in values)))))
+    return out
+
+
+def default_setting(scenario: Scenario, method: str) -> Setting:
+    """The untuned setting (the grid's middle learning rate, most steps, first knob values): used when
+    no selection is stored, and said so in the report."""
+    m = METHODS[method]
+    lrs = scenario.lr_grid[m.base]
+    return Setting(float(lrs[len(lrs) // 2]), int(max(scenario.steps_grid)),
+                   tuple(sorted((k, float(v[0])) for k, v in m.knobs.items())))
+
+
+def load_selection(path: str = TUNED_PATH) -> dict[str, Any]:
+    """The stored selection (``tuned.json``): command, date, grid, and per scenario and method its setting."""
+    if not os.path.isfile(path):
+        return {"selection": {}}
+    with open(path) as f:
+        return json.load(f)
 
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """What the study runs: scenarios, seeds, methods, each scenario's settings, workers."""
+    """What the study runs."""
 
     scenarios: tuple[str, ...] = SCENARIOS
-    seeds: tuple[int, ...] = (0, 1, 2)
-    quick: bool = False
     methods: tuple[str, ...] = tuple(METHODS)
-    continual: continual.ContinualConfig = field(default_factory=lambda: continual.FULL)
-    continual_extra: tuple[continual.ContinualConfig, ...] = ()  # further settings (their own method subsets)
-    safety: safety.SafetyConfig = field(default_factory=lambda: safety.FULL)
-    hyper: Hyper = field(default_factory=Hyper)
+    report_seeds: tuple[int, ...] = REPORT_SEEDS
+    dev_seeds: tuple[int, ...] = DEV_SEEDS
+    quick: bool = False
+    tune: bool = False
+    conditions: dict[str, tuple[str, ...]] = field(default_factory=dict)  # report conditions per scenario (all methods)
+    plain_conditions: dict[str, tuple[str, ...]] = field(default_factory=dict)  # further conditions: plain only
+    stored: dict[str, Any] = field(default_factory=dict)  # the stored selection (tuned.json)
     workers: int = 2
 
 
-def make_config(
-    quick: bool = False,
-    scenarios: Sequence[str] | None = None,
-    seeds: Sequence[int] | None = None,
-    methods: Sequence[str] | None = None,
-    workers: int = 2,
-) -> StudyConfig:
-    """The full study, or the reduced ``--quick`` one (one seed, four methods, fewer steps)."""
+def make_config(quick: bool = False, scenarios: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+                methods: Sequence[str] | None = None, workers: int = 2, tune: bool = False, full: bool = False) -> StudyConfig:
+    """The default report run, ``--full`` (tuning, then every condition), or ``--quick`` (a smoke run).
+
+    The default runs every method on each scenario's tuned condition and on the safety
+    conditions identity-shift and benign-only, and plain alone on the other conditions;
+    ``full`` runs every method on every condition.
+    """
     scenarios = tuple(SCENARIOS if scenarios is None else scenarios)
-    unknown = [s for s in scenarios if s not in SCENARIOS]
+    unknown = [s for s in scenarios if s not in FACTORIES]
     if unknown or not scenarios:
-        raise ValueError(f"unknown scenarios {unknown}; expected a subset of {SCENARIOS}")
-    seeds = tuple((0,) if quick else (0, 1, 2)) if seeds is None else tuple(int(s) for s in seeds)
-    if not seeds:
+        raise ValueError(f"unknown scenarios {unknown}; expected a subset of {tuple(FACTORIES)}")
+    report = tuple((0,) if quick else REPORT_SEEDS) if seeds is None else tuple(int(s) for s in seeds)
+    if not report:
         raise ValueError("at least one seed is needed")
+    overlap = set(report) & set(DEV_SEEDS)
+    if overlap:
+        raise ValueError(f"report seeds {sorted(overlap)} are development seeds; pick others")
+    conditions: dict[str, tuple[str, ...]] = {}
+    plain_only: dict[str, tuple[str, ...]] = {}
+    for name in scenarios:
+        sc = make_scenario(name, quick)
+        if full or quick:
+            conditions[name] = sc.conditions
+        else:
+            main = (sc.tuned_condition,) + tuple(c for c in ("identity-shift", "benign-only") if c in sc.conditions)
+            conditions[name] = main
+            plain_only[name] = tuple(c for c in sc.conditions if c not in main)
     return StudyConfig(
         scenarios=scenarios,
-        seeds=seeds,
-        quick=quick,
         methods=method_names(methods, quick=quick),
-        continual=continual.QUICK if quick else continual.FULL,
-        continual_extra=() if quick else (continual.SPLIT_CLASS,),
-        safety=safety.QUICK if quick else safety.FULL,
+        report_seeds=report,
+        dev_seeds=DEV_SEEDS[:1] if quick else DEV_SEEDS,
+        quick=quick,
+        tune=tune or full,
+        conditions=conditions,
+        plain_conditions=plain_only,
+        stored={"selection": {}} if quick else load_selection(),  # the selection is the full protocol's
         workers=max(1, int(workers)),
     )
 
 
 @dataclass(frozen=True)
 class Job:
-    """One unit of work: a pretrain, or one method's run from a pretrained model."""
+    """A pretrain, or one method's run at one setting from a pretrained model."""
 
     kind: str  # "pretrain" or "run"
     scenario: str
     seed: int
+    key: str = "default"  # the pretrained model's key
+    condition: str | None = None
     method: str | None = None
-    p: float | None = None
-    setting: str | None = None  # continual: the setting of the sequence
+    setting: Setting | None = None
+    phase: str = "report"  # "tune" or "report"
 
 
-def continual_cfg(cfg: StudyConfig, setting: str | None) -> continual.ContinualConfig:
-    """The continual-learning settings of ``setting`` (the primary one or an extra)."""
-    for c in (cfg.continual, *cfg.continual_extra):
-        if c.setting == setting:
-            return c
-    raise KeyError(setting)
-
-
-def continual_methods(cfg: StudyConfig, c: continual.ContinualConfig) -> list[str]:
-    """The study's methods that the continual setting ``c`` runs, in the study's order."""
-    return [m for m in cfg.methods if c.methods is None or m in c.methods]
-
-
-def pretrain_jobs(cfg: StudyConfig) -> list[Job]:
-    """The pretrain jobs, the slow ones (safety) first so that their runs are queued early."""
-    pre_jobs = [Job("pretrain", "safety", seed) for seed in cfg.seeds if "safety" in cfg.scenarios]
-    if "continual" in cfg.scenarios:
-        pre_jobs += [Job("pretrain", "continual", seed, setting=c.setting)
-                     for c in (cfg.continual, *cfg.continual_extra) for seed in cfg.seeds]
-    return pre_jobs
-
-
-def run_jobs(cfg: StudyConfig, pre: Job) -> list[Job]:
-    """The runs that start from the pretrained model of ``pre``."""
-    if pre.scenario == "continual":
-        c = continual_cfg(cfg, pre.setting)
-        return [Job("run", "continual", pre.seed, m, setting=pre.setting) for m in continual_methods(cfg, c)]
+def tune_jobs(cfg: StudyConfig) -> list[Job]:
+    """Every method over its grid on the development seeds, on each scenario's tuned condition (no monitor)."""
     jobs = []
-    for p in cfg.safety.fractions:
-        wanted = cfg.methods if p in cfg.safety.all_methods_at else cfg.safety.sweep_methods
-        jobs += [Job("run", "safety", pre.seed, m, p) for m in cfg.methods if m in wanted]
+    for name in cfg.scenarios:
+        sc = make_scenario(name, cfg.quick)
+        cond = sc.tuned_condition
+        for seed in cfg.dev_seeds:
+            for method in cfg.methods:
+                for s in grid(sc, method):
+                    jobs.append(Job("run", name, seed, sc.pretrain_key(cond), cond, method, s, "tune"))
     return jobs
 
 
-def _work(job: Job, cfg: StudyConfig, pretrained: dict[str, Any] | None) -> dict[str, Any]:
+def report_jobs(cfg: StudyConfig, selection: dict[str, dict[str, Setting]]) -> list[Job]:
+    """Every method at its selected setting on the report seeds and conditions."""
+    jobs = []
+    for name in cfg.scenarios:
+        sc = make_scenario(name, cfg.quick)
+        for cond in cfg.conditions.get(name, ()) + cfg.plain_conditions.get(name, ()):
+            methods = cfg.methods if cond in cfg.conditions.get(name, ()) else ("plain",)
+            for seed in cfg.report_seeds:
+                for method in methods:
+                    jobs.append(Job("run", name, seed, sc.pretrain_key(cond), cond, method, selection[name][method]))
+    return jobs
+
+
+_SCENARIO_CACHE: dict[tuple[str, bool], Scenario] = {}
+
+
+def _scenario(name: str, quick: bool) -> Scenario:
+    if (name, quick) not in _SCENARIO_CACHE:
+        _SCENARIO_CACHE[(name, quick)] = make_scenario(name, quick)
+    return _SCENARIO_CACHE[(name, quick)]
+
+
+def _work(job: Job, quick: bool, pretrained: dict[str, Any] | None) -> dict[str, Any]:
     """One job, on one torch thread (restored afterwards)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         t0 = time.perf_counter()
-        if job.scenario == "continual":
-            c = continual_cfg(cfg, job.setting)
-            if job.kind == "pretrain":
-                out = continual.pretrain(job.seed, c)
-            else:
-                out = continual.run(job.seed, c, job.method, cfg.hyper, pretrained)
-        elif job.kind == "pretrain":
-            out = safety.pretrain(job.seed, cfg.safety)
+        sc = _scenario(job.scenario, quick)
+        if job.kind == "pretrain":
+            out = sc.pretrain(job.seed, job.key)
         else:
-            out = safety.run(job.seed, cfg.safety, job.method, cfg.hyper, job.p, pretrained)
+            assert pretrained is not None and job.condition is not None and job.method and job.setting
+            out = sc.run(job.seed, job.condition, job.method, job.setting, pretrained, monitor=job.phase == "report")
         out["wall_seconds"] = time.perf_counter() - t0
         return out
     finally:
         torch.set_num_threads(threads)
 
 
-def execute(cfg: StudyConfig, progress: bool = False) -> dict[Job, dict[str, Any]]:
-    """Run every job (pretrains first, each one's runs as soon as it is done).
+def _job_record(job: Job) -> dict[str, Any]:
+    return {"kind": job.kind, "scenario": job.scenario, "seed": job.seed, "key": job.key, "condition": job.condition,
+            "method": job.method, "setting": None if job.setting is None else job.setting.as_dict(), "phase": job.phase}
 
-    ``progress``: a tqdm progress bar (tqdm is in the ``[demo]`` extra).
+
+def _job_from(d: dict[str, Any]) -> Job:
+    return Job(d["kind"], d["scenario"], int(d["seed"]), d["key"], d["condition"], d["method"],
+               None if d["setting"] is None else Setting.from_dict(d["setting"]), d["phase"])
+
+
+def read_journal(path: str) -> dict[Job, dict[str, Any]]:
+    """The runs a journal (``execute(journal=...)``) holds; a last line cut short by an interruption is skipped."""
+    out: dict[Job, dict[str, Any]] = {}
+    if not os.path.isfile(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out[_job_from(rec["job"])] = rec["result"]
+    return out
+
+
+def execute(runs: Sequence[Job], quick: bool, workers: int = 2, progress: bool = False,
+            desc: str = "gradsafe demo", journal: str | None = None) -> dict[Job, dict[str, Any]]:
+    """Run ``runs`` and the pretrains they need (each pretrain first, its runs as soon as it is done).
+
+    ``journal``: a JSON-lines file; every finished run is appended to it, and runs it already
+    holds are not run again (an interrupted study resumes where it stopped).
     """
-    pre_jobs = pretrain_jobs(cfg)
-    total = len(pre_jobs) + sum(len(run_jobs(cfg, j)) for j in pre_jobs)
+    results: dict[Job, dict[str, Any]] = {}
+    if journal:
+        wanted = set(runs)
+        results = {j: r for j, r in read_journal(journal).items() if j in wanted}
+        runs = [r for r in runs if r not in results]
+    log = open(journal, "a") if journal else None
+    pre_of = {r: Job("pretrain", r.scenario, r.seed, r.key) for r in runs}
+    pres = list(dict.fromkeys(sorted(pre_of.values(), key=lambda j: j.scenario != "safety")))  # slow ones first
+    waiting: dict[Job, list[Job]] = {p: [] for p in pres}
+    for r in runs:
+        waiting[pre_of[r]].append(r)
     bar = None
     if progress:
         tqdm = require("tqdm.auto", "demo", "the study's progress bar").tqdm
-        bar = tqdm(total=total, desc="gradsafe demo", unit="run", leave=False)
-    results: dict[Job, dict[str, Any]] = {}
+        bar = tqdm(total=len(pres) + len(runs), desc=desc, unit="run", leave=False)
 
     def done(job: Job) -> None:
+        if log is not None and job.kind == "run":
+            log.write(json.dumps({"job": _job_record(job), "result": results[job]}) + "\n")
+            log.flush()
         if bar is not None:
-            bar.set_postfix_str(f"{job.scenario} seed {job.seed} {job.method or 'pretrain'}", refresh=False)
+            bar.set_postfix_str(f"{job.scenario} {job.seed} {job.method or 'pretrain'}", refresh=False)
             bar.update(1)
 
     try:
-        if cfg.workers <= 1:
-            for pj in pre_jobs:
-                results[pj] = _work(pj, cfg, None)
+        if workers <= 1:
+            for pj in pres:
+                results[pj] = _work(pj, quick, None)
                 done(pj)
-                for rj in run_jobs(cfg, pj):
-                    results[rj] = _work(rj, cfg, results[pj])
+                for rj in waiting[pj]:
+                    results[rj] = _work(rj, quick, results[pj])
                     done(rj)
         else:
             ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix well
-            with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
-                pending = {pool.submit(_work, pj, cfg, None): pj for pj in pre_jobs}
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                pending = {pool.submit(_work, pj, quick, None): pj for pj in pres}
                 while pending:
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in finished:
                         job = pending.pop(fut)
                         results[job] = fut.result()
                         if job.kind == "pretrain":
-                            for rj in run_jobs(cfg, job):
-                                pending[pool.submit(_work, rj, cfg, results[job])] = rj
+                            for rj in waiting[job]:
+                                pending[pool.submit(_work, rj, quick, results[job])] = rj
                         done(job)
     finally:
         if bar is not None:
             bar.close()
+        if log is not None:
+            log.close()
     return results

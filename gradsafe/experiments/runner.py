@@ -1,26 +1,11 @@
-"""One fine-tuning stage with one method: the loop both scenarios share.
+"""One training stage of any scenario with any method, and the study's monitor.
 
-The monitor. Every run, the baseline included, is watched by the same
-``gradsafe.GradientMonitor`` over the same protected data budget, which changes nothing.
-It measures the parameter update each step actually made: after the step, the negated
-update ``theta_before - theta_after`` is put where the monitor reads gradients, and the
-monitor's holder has learning rate 1, so its ``predicted_change`` is ``<r, delta theta>``,
-the first-order change of the protected loss for the step taken (the quantity a
-ProtectedOptimizer reports in space "update"), whatever the method and the space its
-surgery acts in. Every ``monitor_every`` steps the reference ``r`` is replaced by the
-gradient of the memory loss at the current parameters, so that the predictions, summed
-over the steps, follow the protected loss along the path the parameters take. The sum over
-a window between two evaluations is set against the change of the protected loss measured
-on held-out data (and, as a diagnostic, on the memory itself).
-
-The monitor is kept out of the method's optimizer on purpose: an objective registered in a
-ProtectedOptimizer rebuilds its plan when it is replaced, and that cost grows with the
-acting objectives' rows, so a monitor refreshed every few steps inside the optimizer would
-be charged to the method.
-
-What is timed (``train_seconds``): zero_grad + forward + backward + ``opt.step()`` (surgery
-and the method's own refreshes included). The monitor, the evaluations and the reading of
-the report are outside it.
+A scenario hands ``run_stage`` a ``Stage``: the new task's batches (index tensors), its loss
+and logits, the protected sets and an evaluation. The method (``methods.build``) gives the
+optimizer and the loss terms; this module composes the step's loss, steps, evaluates, and,
+when ``monitor`` is on, runs the same ``GradientMonitor`` for every method: after each step
+it is given the negated update, so its ``predicted_change`` is ``<r, delta theta>`` with r
+the gradient of the memory loss (recomputed every ``monitor_every`` steps).
 """
 
 from __future__ import annotations
@@ -34,139 +19,163 @@ import torch
 
 from ..collect import collect_gradients
 from ..monitor import GradientMonitor
-from ..optimizer import ProtectedOptimizer
-from .methods import Hyper, Protected, build_optimizer
+from .methods import KL_BATCH, LWF_TEMPERATURE, Protected, build, kl_rows
 
-__all__ = ["Stage", "run_stage", "MONITOR"]
+__all__ = ["Stage", "run_stage", "initial_cosine", "MONITOR", "COSINE_BATCHES"]
 
 MONITOR = "protected"
+COSINE_BATCHES = 4  # fine-tuning batches whose mean gradient the initial cosine reads
 
 
 @dataclass
 class Stage:
-    """What one stage trains, protects and measures."""
+    """What one stage trains, protects and measures.
 
-    batches: Sequence[Any]  # the training batches, in order
-    loss: Callable[[Any], torch.Tensor]  # training loss of one batch
-    protected: Sequence[Protected]  # the budget of every protected set
-    evaluate: Callable[[], dict[str, float]]  # held-out metrics; must hold "protected_loss"
-    lr: float
-    weight_decay: float
+    ``evaluate()`` returns held-out metrics holding ``"protected"`` (the scenario's protected
+    metric), ``"new"`` (its new-task metric) and ``"protected_loss"``.
+    """
+
+    batches: Sequence[torch.Tensor]
+    loss: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]  # new-task loss of a batch (mean)
+    logits: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]  # new-task rows (LwF)
+    protected: Sequence[Protected]
+    evaluate: Callable[[], dict[str, float]]
     eval_every: int
-    monitor_every: int = 5  # steps between two refreshes of the monitor's reference
+    seed: int  # the replay / joint draws
+    monitor: bool = True
+    monitor_every: int = 5
 
 
-def _monitor_loss(protected: Sequence[Protected]) -> torch.Tensor:
-    losses = [p.loss() for p in protected]
-    return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+def _memory_loss(protected: Sequence[Protected]) -> torch.Tensor:
+    return torch.stack([p.loss() for p in protected]).mean()
 
 
-def _refresh_monitor(monitor: GradientMonitor, model: torch.nn.Module, protected: Sequence[Protected]) -> None:
-    sample = collect_gradients(model, lambda _: _monitor_loss(protected), [None])
-    if MONITOR in monitor.objectives:
-        monitor.unprotect(MONITOR)
-    monitor.protect(MONITOR, sample, rank=1)
+def _flat(sample: list[torch.Tensor | None], params: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(sample, params)])
 
 
-def run_stage(
-    model: torch.nn.Module,
-    method: str,
-    stage: Stage,
-    hp: Hyper,
-    step_offset: int = 0,
-    on_step: Callable[[], None] | None = None,
-) -> dict[str, Any]:
-    """Train ``model`` through ``stage`` with ``method``; return curve, windows and cost.
+def initial_cosine(model: torch.nn.Module, stage: Stage) -> float:
+    """Cosine between the mean gradient of the first fine-tuning batches and the memory loss's gradient."""
+    params = list(model.parameters())
+    first = list(stage.batches[:COSINE_BATCHES])
+    g_new, g_mem = collect_gradients(
+        model, lambda which: (torch.stack([stage.loss(model, b) for b in first]).mean() if which == "new"
+                              else _memory_loss(stage.protected)), ["new", "memory"])
+    a, b = _flat(g_new, params), _flat(g_mem, params)
+    den = float(a.norm() * b.norm())
+    return float(a @ b) / den if den > 0 else float("nan")
 
-    - ``curve``: the evaluations (step 0, every ``eval_every`` steps, the last), as lists
-      keyed ``step``, ``memory_loss`` and by the evaluation's metric names;
-    - ``windows``: per interval between two evaluations, ``predicted`` (sum of the monitor's
-      predicted_change), ``measured`` (change of the held-out protected loss),
-      ``measured_memory`` (change of the memory loss), ``conflicts`` (steps whose update
-      conflicted with the monitor's reference), ``steps``;
-    - ``cost``: ``train_seconds``, ``setup_seconds`` (building the memory and the
-      optimizer), ``setup_backward`` and ``step_backward`` (backward passes of the
-      protection: memory samples, closure refreshes), ``steps``;
-    - ``surgery``: mean over steps of the largest ``energy_removed`` of the method's
-      objectives, and the share of steps where one of them found the gradient (or update)
-      in conflict before the surgery.
+
+def _draw(sets: Sequence[Any], k: int, gen: torch.Generator) -> list[tuple[int, torch.Tensor]]:
+    """``k`` examples drawn uniformly from the union of ``sets``: (set index, indices into it) per set."""
+    sizes = torch.tensor([len(s) for s in sets])
+    flat = torch.randint(int(sizes.sum()), (k,), generator=gen)
+    edges = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    out = []
+    for i in range(len(sets)):
+        sel = flat[(flat >= edges[i]) & (flat < edges[i + 1])] - edges[i]
+        if len(sel):
+            out.append((i, sel))
+    return out
+
+
+def run_stage(model: torch.nn.Module, method: str, knobs: dict[str, float], lr: float, stage: Stage,
+              step_offset: int = 0, weight_decay: float = 0.01) -> dict[str, Any]:
+    """Train ``model`` through ``stage`` with ``method``; return curve, windows, cost and the initial cosine.
+
+    - ``curve``: the evaluations (step 0, every ``eval_every`` steps, the last), lists keyed
+      ``step`` and by the evaluation's metric names;
+    - ``windows`` (monitor on): per interval between evaluations, ``predicted`` (sum of the
+      monitor's predicted_change), ``measured`` (change of the held-out protected loss),
+      ``steps``;
+    - ``cost``: ``example_grads`` (setup + steps), ``train_seconds``, ``setup_seconds``, ``steps``;
+    - ``cosine``: ``initial_cosine`` at the stage's start.
     """
     params = list(model.parameters())
+    cosine = initial_cosine(model, stage)
     t0 = time.perf_counter()
-    before = sum(p.backward_passes for p in stage.protected)
-    base = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, foreach=True)
-    opt, closure = build_optimizer(method, base, stage.protected, hp)
+    built = build(method, model, stage.protected, lr, knobs, weight_decay)
     setup_seconds = time.perf_counter() - t0
-    setup_backward = sum(p.backward_passes for p in stage.protected) - before
-    own = list(opt.objectives) if isinstance(opt, ProtectedOptimizer) else []
-    monitor = GradientMonitor(params)  # its holder's learning rate is 1: predicted_change = <r, delta theta>
-
+    opt, terms = built.optimizer, built.terms
+    gen = torch.Generator().manual_seed(stage.seed)
+    monitor = GradientMonitor(params) if stage.monitor else None
     curve: dict[str, list[float]] = {"step": []}
+    windows: dict[str, list[float]] = {"predicted": [], "measured": [], "steps": []}
 
-    def evaluate(step: int) -> tuple[float, float]:
+    def evaluate(step: int) -> float:
         metrics = stage.evaluate()
-        with torch.no_grad():
-            metrics["memory_loss"] = float(_monitor_loss(stage.protected))
         curve["step"].append(step_offset + step)
         for k, v in metrics.items():
             curve.setdefault(k, []).append(float(v))
-        return float(metrics["protected_loss"]), metrics["memory_loss"]
+        return float(metrics["protected_loss"])
 
-    windows: dict[str, list[float]] = {"predicted": [], "measured": [], "measured_memory": [], "conflicts": [], "steps": []}
-    last_loss, last_memory = evaluate(0)
-    _refresh_monitor(monitor, model, stage.protected)
-    predicted = conflicts = 0.0
-    in_window = 0
-    removed_sum = own_conflicts = 0.0
-    train_seconds = 0.0
+    def refresh() -> None:
+        assert monitor is not None
+        sample = collect_gradients(model, lambda _: _memory_loss(stage.protected), [None])
+        if MONITOR in monitor.objectives:
+            monitor.unprotect(MONITOR)
+        monitor.protect(MONITOR, sample, rank=1)
+
+    last = evaluate(0)
+    if monitor is not None:
+        refresh()
+    predicted, in_window, example_grads, train_seconds = 0.0, 0, 0, 0.0
+    sets = list(stage.protected)
     n = len(stage.batches)
     model.train()
     for i, batch in enumerate(stage.batches):
-        snapshot = [p.detach().clone() for p in params]
+        snapshot = [p.detach().clone() for p in params] if monitor is not None else None
         t = time.perf_counter()
+        b = len(batch)
+        k = round(terms.replay_share * b) if terms.replay_share > 0 else (b // 2 if terms.joint else 0)
+        new = batch[: b - k]
         opt.zero_grad()
-        stage.loss(batch).backward()
+        loss = stage.loss(model, new) * (len(new) / b)
+        if k:
+            pools = [p.pool if terms.joint else p.memory for p in sets]
+            for si, idx in _draw(pools, k, gen):
+                loss = loss + sets[si].loss_fn(model, pools[si][idx]) * (len(idx) / b)
+        if terms.lwf_weight > 0 and terms.previous is not None:
+            with torch.no_grad():
+                ref = stage.logits(terms.previous, new)
+            loss = loss + terms.lwf_weight * kl_rows(ref, stage.logits(model, new), LWF_TEMPERATURE)
+        if terms.kl_weight > 0 and terms.previous is not None:
+            parts = []
+            for si, idx in _draw([p.memory for p in sets], KL_BATCH, gen):
+                sub = sets[si].memory[idx]
+                with torch.no_grad():
+                    ref = sets[si].logits_fn(terms.previous, sub)
+                parts.append(kl_rows(ref, sets[si].logits_fn(model, sub)) * len(idx))
+            loss = loss + terms.kl_weight * torch.stack(parts).sum() / KL_BATCH
+            example_grads += KL_BATCH
+        loss.backward()
         opt.step()
         train_seconds += time.perf_counter() - t
-        if own:
-            report = opt.report
-            removed_sum += max(report[o]["energy_removed"] for o in own)
-            own_conflicts += float(any(report[o]["conflict"] > 0 for o in own))
-        with torch.no_grad():
-            for p, s in zip(params, snapshot):
-                p.grad = s - p.detach()  # the negated update: what a gradient step of lr 1 would have used
-        mon = monitor.measure()[MONITOR]
-        opt.zero_grad()
-        predicted += mon["predicted_change"]
-        conflicts += mon["conflict"]
+        example_grads += b
+        if monitor is not None and snapshot is not None:
+            with torch.no_grad():
+                for p, s in zip(params, snapshot):
+                    p.grad = s - p.detach()  # the negated update: what a gradient step of lr 1 would have used
+            predicted += monitor.measure()[MONITOR]["predicted_change"]
+            opt.zero_grad()
         in_window += 1
-        if on_step is not None:
-            on_step()
         if (i + 1) % stage.eval_every == 0 or i + 1 == n:
-            loss, memory = evaluate(i + 1)
+            current = evaluate(i + 1)
             windows["predicted"].append(predicted)
-            windows["measured"].append(loss - last_loss)
-            windows["measured_memory"].append(memory - last_memory)
-            windows["conflicts"].append(conflicts)
+            windows["measured"].append(current - last)
             windows["steps"].append(in_window)
-            last_loss, last_memory, predicted, conflicts, in_window = loss, memory, 0.0, 0.0, 0
-        if (i + 1) % stage.monitor_every == 0 and i + 1 < n:
-            _refresh_monitor(monitor, model, stage.protected)
-    step_backward = closure.backward_passes - 1 if closure is not None else 0  # the first is at registration
-    if closure is not None:
-        setup_backward += 1
+            last, predicted, in_window = current, 0.0, 0
+        if monitor is not None and (i + 1) % stage.monitor_every == 0 and i + 1 < n:
+            refresh()
+    step_grads = sum(c.example_grads for c in built.closures)
     return {
         "curve": curve,
-        "windows": windows,
+        "windows": windows if monitor is not None else {},
+        "cosine": cosine,
         "cost": {
+            "example_grads": built.setup_example_grads + example_grads + step_grads,
             "train_seconds": train_seconds,
             "setup_seconds": setup_seconds,
-            "setup_backward": setup_backward,
-            "step_backward": step_backward,
             "steps": n,
-        },
-        "surgery": {
-            "energy_removed": removed_sum / n if own else 0.0,
-            "conflict_rate": own_conflicts / n if own else 0.0,
         },
     }

@@ -1,42 +1,30 @@
-"""The study's statistics: correlations, the thesis test, aggregation over seeds, selection.
+"""The study's statistics: ranks, correlations, bootstrap intervals, the tuning's selection, aggregation.
 
-The thesis test: every run records, per window between two evaluations, the sum of the
-monitor's ``predicted_change`` for the updates taken (``runner``) and the measured change of
-the held-out protected loss. The correlation of the two, pooled over windows and runs (and
-of their running sums within a stage), is computed per scenario, with the same monitor in
-both.
-
-``aggregate`` turns the jobs' results into everything the tables, plots and JSON show: per
-method the mean and std over seeds of its final metrics, costs and surgery statistics, the
-acceptance selections and the thesis statistics.
+- ``bootstrap_ci``: the 95% percentile bootstrap interval of a mean over seeds;
+- ``select``: per scenario and method, the development setting with the best mean criterion
+  (ties: fewer steps, then the smaller learning rate);
+- ``aggregate``: the report runs -> per scenario, condition and method the mean, interval
+  and values over seeds of every final metric and cost.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import continual, safety
-from .jobs import Job, StudyConfig, continual_methods
+from .jobs import Job, StudyConfig, grid, make_scenario
 from .methods import METHODS
+from .scenario import Setting
 
-__all__ = [
-    "NEW_ACC_TOLERANCE",
-    "pearson",
-    "rankdata",
-    "spearman",
-    "thesis_stats",
-    "aggregate",
-    "mean_curve",
-    "fraction_key",
-]
+__all__ = ["pearson", "rankdata", "spearman", "bootstrap_ci", "bootstrap_stat", "select", "aggregate",
+           "summarise", "BOOTSTRAP", "BOOTSTRAP_SEED"]
 
-NEW_ACC_TOLERANCE = 0.05  # acceptance: new-task accuracy within 5 points of plain
+BOOTSTRAP = 2000
+BOOTSTRAP_SEED = 12345
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
@@ -74,208 +62,148 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return pearson(rankdata(x), rankdata(y))
 
 
-def _slope(x: np.ndarray, y: np.ndarray) -> float:
-    """Least-squares slope of y on x (through the origin): how much of the prediction is measured."""
-    den = float(x @ x)
-    return float(x @ y) / den if den > 0 else float("nan")
 
 
-def thesis_stats(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Predicted vs measured protected-loss change, pooled over the windows of ``runs``.
+def bootstrap_stat(groups: Sequence[Sequence[Any]], stat: Callable[..., float], n: int = BOOTSTRAP,
+                   seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """95% percentile interval of ``stat(*resampled groups)``, each group resampled with replacement.
 
-    ``window``: per interval between evaluations; ``cumulative``: running sums from the start
-    of each stage (a new protected set starts a new stage); ``conflicts``: running count of
-    steps whose update conflicted with the monitor's reference, against the running measured
-    change.
+    Resamples whose statistic is not finite are left out; (nan, nan) if none is finite.
     """
-    pw, mw, mm, pc, mc, cc = [], [], [], [], [], []
-    for r in runs:
-        w = r["windows"]
-        stages = w.get("stage", [0] * len(w["predicted"]))
-        acc_p = acc_m = acc_c = 0.0
-        prev = None
-        for s, p, m, mem, c in zip(stages, w["predicted"], w["measured"], w["measured_memory"], w["conflicts"]):
-            if s != prev:
-                acc_p = acc_m = acc_c = 0.0
-                prev = s
-            acc_p, acc_m, acc_c = acc_p + p, acc_m + m, acc_c + c
-            pw.append(p)
-            mw.append(m)
-            mm.append(mem)
-            pc.append(acc_p)
-            mc.append(acc_m)
-            cc.append(acc_c)
-    pw_, mw_, mm_ = (np.asarray(v, dtype=np.float64) for v in (pw, mw, mm))
-    return {
-        "runs": len(runs),
-        "windows": len(pw),
-        "pearson_window": pearson(pw, mw),
-        "spearman_window": spearman(pw, mw),
-        "pearson_cumulative": pearson(pc, mc),
-        "spearman_cumulative": spearman(pc, mc),
-        "spearman_conflicts_cumulative": spearman(cc, mc),
-        "slope_window": _slope(pw_, mw_),
-        "sign_agreement": float(np.mean(np.sign(pw_) == np.sign(mw_))) if len(pw) else float("nan"),
-        "pearson_window_memory": pearson(pw, mm),
-        "spearman_window_memory": spearman(pw, mm),
-        "slope_window_memory": _slope(pw_, mm_),
-    }
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        resampled = [[g[i] for i in rng.integers(0, len(g), len(g))] for g in groups]
+        v = stat(*resampled)
+        if v is not None and np.isfinite(v):
+            values.append(v)
+    if not values:
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
-def _ms(values: Sequence[float]) -> dict[str, Any]:
+def bootstrap_ci(values: Sequence[float], n: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of ``values``."""
     v = np.asarray(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": [float(x) for x in v]}
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), (n, len(v)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
-def mean_curve(runs: Sequence[dict[str, Any]], key: str) -> list[float]:
-    """The mean over ``runs`` of the curve ``key``, cut to the shortest run."""
-    rows = [r["curve"][key] for r in runs if key in r["curve"]]
-    n = min(len(x) for x in rows)
-    return np.mean([x[:n] for x in rows], axis=0).tolist()
+def summarise(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, 95% bootstrap interval and the values."""
+    v = [float(x) for x in values]
+    lo, hi = bootstrap_ci(v)
+    return {"mean": float(np.mean(v)), "lo": lo, "hi": hi, "values": v}
 
 
-def _summary(runs: Sequence[dict[str, Any]], extra: Sequence[str] = ()) -> dict[str, Any]:
-    """Mean and std over seeds of a method's final metrics, cost and surgery statistics."""
-    first = runs[0]
-    out: dict[str, Any] = {
-        "label": METHODS[first["method"]].label,
-        "space": METHODS[first["method"]].space,
-        "note": METHODS[first["method"]].note,
-        "seeds": [r["seed"] for r in runs],
-        "final": {k: _ms([r["final"][k] for r in runs]) for k in first["final"]},
-        "cost": {k: _ms([r["cost"][k] for r in runs]) for k in first["cost"]},
-        "surgery": {k: _ms([r["surgery"][k] for r in runs]) for k in first["surgery"]},
-        "wall_seconds": _ms([r["wall_seconds"] for r in runs]),
-    }
-    for k in extra:
-        arr = np.asarray([r[k] for r in runs], dtype=np.float64)
-        out[k] = {"mean": arr.mean(0).tolist(), "std": (arr.std(0, ddof=1) if len(runs) > 1 else 0 * arr[0]).tolist()}
+def select(cfg: StudyConfig, results: dict[Job, dict[str, Any]]) -> dict[str, Any]:
+    """The tuning's selection: per scenario and method the best setting, and every development score.
+
+    A method is selected only when its whole grid ran on every development seed; the others
+    are listed as ``incomplete`` (an interrupted tuning) and report untuned.
+    """
+    out: dict[str, Any] = {}
+    for name in cfg.scenarios:
+        sc = make_scenario(name, cfg.quick)
+        scores: dict[str, dict[str, dict[str, Any]]] = {}
+        for job, res in results.items():
+            if job.kind == "run" and job.phase == "tune" and job.scenario == name:
+                assert job.method and job.setting
+                entry = scores.setdefault(job.method, {}).setdefault(
+                    job.setting.key(), {"setting": job.setting.as_dict(), "values": [], "seeds": []})
+                entry["values"].append(sc.criterion(res["final"]))
+                entry["seeds"].append(job.seed)
+        chosen = {}
+        incomplete = []
+        for method, by_setting in scores.items():
+            for e in by_setting.values():
+                e["mean"] = float(np.mean(e["values"]))
+            complete = {s.key() for s in grid(sc, method)} <= set(by_setting) and all(
+                sorted(e["seeds"]) == sorted(cfg.dev_seeds) for e in by_setting.values())
+            if not complete:  # a selection over part of the grid would not be the protocol's
+                incomplete.append(method)
+                continue
+            best = max(by_setting.values(), key=lambda e: (round(e["mean"], 9), -e["setting"]["steps"], -e["setting"]["lr"]))
+            chosen[method] = best["setting"]
+        out[name] = {"selected": chosen, "scores": scores, "criterion": sc.criterion_label,
+                     "condition": sc.tuned_condition, "incomplete": incomplete}
     return out
 
 
-def _select(methods: dict[str, Any], metric: str, lower_is_better: bool = True) -> dict[str, Any]:
-    """The acceptance test's best gradsafe configuration: new-task accuracy within 5 points of plain."""
-    plain = methods["plain"]["final"]
-    plain_new = plain["new_acc"]["mean"]
-    candidates = {
-        name: m["final"][metric]["mean"]
-        for name, m in methods.items()
-        if name != "plain" and m["final"]["new_acc"]["mean"] >= plain_new - NEW_ACC_TOLERANCE
-    }
-    if not candidates:
-        return {"best": None, "plain": plain[metric]["mean"], "plain_new_acc": plain_new, "candidates": {}}
-    best = (min if lower_is_better else max)(candidates, key=candidates.get)
-    return {
-        "best": best,
-        "best_value": candidates[best],
-        "best_new_acc": methods[best]["final"]["new_acc"]["mean"],
-        "plain": plain[metric]["mean"],
-        "plain_new_acc": plain_new,
-        "candidates": candidates,
-    }
+def settings_from(selection: dict[str, Any], cfg: StudyConfig, fallback: Callable[[Any, str], Setting]
+                  ) -> tuple[dict[str, dict[str, Setting]], dict[str, list[str]]]:
+    """Per scenario and method the setting to report with; and the methods with no selection (fallback used)."""
+    settings: dict[str, dict[str, Setting]] = {}
+    untuned: dict[str, list[str]] = {}
+    for name in cfg.scenarios:
+        sc = make_scenario(name, cfg.quick)
+        chosen = selection.get(name, {}).get("selected", {})
+        settings[name] = {}
+        for m in cfg.methods:
+            if m in chosen:
+                settings[name][m] = Setting.from_dict(chosen[m])
+            else:
+                settings[name][m] = fallback(sc, m)
+                untuned.setdefault(name, []).append(m)
+    return settings, untuned
 
 
-def aggregate(cfg: StudyConfig, results: dict[Job, dict[str, Any]], wall_seconds: float | None = None) -> dict[str, Any]:
+def aggregate(cfg: StudyConfig, results: dict[Job, dict[str, Any]], settings: dict[str, dict[str, Setting]],
+              untuned: dict[str, list[str]], selection: dict[str, Any], wall_seconds: float | None = None
+              ) -> dict[str, Any]:
     """Everything the tables, plots and JSON show."""
     out: dict[str, Any] = {
         "meta": {
             "quick": cfg.quick,
-            "seeds": list(cfg.seeds),
+            "tuned_here": cfg.tune,
+            "report_seeds": list(cfg.report_seeds),
+            "dev_seeds": list(cfg.dev_seeds),
             "scenarios": list(cfg.scenarios),
-            "methods": {n: {"label": METHODS[n].label, "space": METHODS[n].space, "note": METHODS[n].note} for n in cfg.methods},
-            "hyper": asdict(cfg.hyper),
+            "methods": {n: {"label": METHODS[n].label, "family": METHODS[n].family, "note": METHODS[n].note,
+                            "base": METHODS[n].base, "space": METHODS[n].space} for n in cfg.methods},
             "workers": cfg.workers,
             "torch": torch.__version__,
             "wall_seconds": wall_seconds,
-        }
+            "untuned": untuned,
+        },
+        "selection": selection,
     }
-    thesis: dict[str, Any] = {}
-    if "continual" in cfg.scenarios:
-        out["continual"] = _aggregate_continual(cfg, cfg.continual, results)
-        thesis["continual"] = _thesis(out["continual"]["runs"])
-        if cfg.continual_extra:
-            out["continual"]["other_settings"] = {}
-            for c in cfg.continual_extra:
-                sub = _aggregate_continual(cfg, c, results)
-                out["continual"]["other_settings"][c.setting] = sub
-                thesis[f"continual ({c.setting})"] = _thesis(sub["runs"])
-    if "safety" in cfg.scenarios:
-        runs = []
-        aligned = {}
-        for job, res in results.items():
-            if job.scenario == "safety" and job.kind == "run":
-                runs.append({"seed": job.seed, "method": job.method, "p": job.p, **res})
-            elif job.scenario == "safety":
-                aligned[str(job.seed)] = res["metrics"]
-        runs.sort(key=lambda r: (r["p"], list(cfg.methods).index(r["method"]), r["seed"]))
-        fractions = {}
-        for p in cfg.safety.fractions:
+    for name in cfg.scenarios:
+        sc = make_scenario(name, cfg.quick)
+        pre = {j.seed: r for j, r in results.items() if j.kind == "pretrain" and j.scenario == name}
+        block: dict[str, Any] = {"config": sc.describe(), "protected": sc.protected.key, "new": sc.new.key,
+                                 "metrics": [m.key for m in sc.metrics],
+                                 "settings": {m: s.as_dict() for m, s in settings[name].items()},
+                                 "conditions": {}, "runs": []}
+        if name == "safety":
+            block["aligned"] = {k: summarise([r["metrics"][k] for r in pre.values()])
+                                for k in next(iter(pre.values()))["metrics"]} if pre else {}
+        for cond in cfg.conditions.get(name, ()) + cfg.plain_conditions.get(name, ()):
             methods = {}
-            for name in cfg.methods:
-                mr = [r for r in runs if r["method"] == name and r["p"] == p]
-                if mr:
-                    methods[name] = _summary(mr)
-                    methods[name]["curves"] = {k: mean_curve(mr, k) for k in ("step", "refusal", "new_acc", "protected_loss")}
-            fractions[fraction_key(p)] = {"methods": methods}
-        s = cfg.safety
-        acceptance: dict[str, Any] = {"target": "best refusal drop <= plain's / 3 at p = 0.1, new-task accuracy within 5 points of plain"}
-        if fraction_key(0.1) in fractions:
-            sel = _select(fractions[fraction_key(0.1)]["methods"], "refusal_drop")
-            sel["ratio"] = sel["best_value"] / sel["plain"] if sel["best"] is not None and sel["plain"] > 0 else float("nan")
-            sel["met"] = bool(sel["best"] is not None and sel["best_value"] <= sel["plain"] / 3)
-            acceptance.update(sel)
-        else:
-            acceptance.update({"best": None, "met": False, "reason": "p = 0.1 was not run"})
-        aligned_mean = {k: _ms([m[k] for m in aligned.values()]) for k in next(iter(aligned.values()))}
-        out["safety"] = {
-            "config": safety.describe(s),
-            "aligned": aligned,
-            "aligned_mean": aligned_mean,
-            "fractions": fractions,
-            "acceptance": acceptance,
-            "runs": runs,
-        }
-        thesis["safety"] = _thesis(runs)
-    out["thesis"] = thesis
-    return out
-
-
-def _aggregate_continual(cfg: StudyConfig, c: continual.ContinualConfig, results: dict[Job, dict[str, Any]]) -> dict[str, Any]:
-    names = continual_methods(cfg, c)
-    runs = []
-    for job, res in results.items():
-        if job.scenario == "continual" and job.kind == "run" and job.setting == c.setting:
-            runs.append({"seed": job.seed, "method": job.method, "setting": c.setting, **res})
-    runs.sort(key=lambda r: (names.index(r["method"]), r["seed"]))
-    methods = {}
-    for name in names:
-        mr = [r for r in runs if r["method"] == name]
-        methods[name] = _summary(mr, extra=("forgetting_per_task",))
-        methods[name]["curves"] = {k: mean_curve(mr, k) for k in ("step", "old_acc", "new_acc", "protected_loss")}
-    sel = _select(methods, "forgetting")
-    sel["ratio"] = sel["best_value"] / sel["plain"] if sel["best"] is not None and sel["plain"] > 0 else float("nan")
-    sel["target"] = "best forgetting <= 0.5 x plain's, new-task accuracy within 5 points of plain"
-    sel["met"] = bool(sel["best"] is not None and sel["ratio"] <= 0.5)
-    pre = {j.seed: r for j, r in results.items() if j.scenario == "continual" and j.kind == "pretrain" and j.setting == c.setting}
-    return {
-        "config": continual.describe(c),
-        "pretrained_acc": {str(seed): r["acc"] for seed, r in pre.items()},
-        "methods": methods,
-        "acceptance": sel,
-        "runs": runs,
-    }
-
-
-def fraction_key(p: float) -> str:
-    """The key of a harmful fraction in the aggregated results (``0.1`` -> ``"0.1"``)."""
-    return f"{p:g}"
-
-
-def _thesis(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    out = thesis_stats(runs)
-    out["per_method"] = {}
-    for name in dict.fromkeys(r["method"] for r in runs):
-        st = thesis_stats([r for r in runs if r["method"] == name])
-        out["per_method"][name] = {k: st[k] for k in ("windows", "pearson_window", "spearman_window",
-                                                       "spearman_cumulative", "slope_window")}
+            for m in cfg.methods:
+                runs = [(j, r) for j, r in results.items()
+                        if j.kind == "run" and j.phase == "report" and j.scenario == name and j.condition == cond
+                        and j.method == m]
+                if not runs:
+                    continue
+                runs.sort(key=lambda jr: jr[0].seed)
+                finals = [r["final"] for _, r in runs]
+                methods[m] = {
+                    "seeds": [j.seed for j, _ in runs],
+                    "final": {k: summarise([f[k] for f in finals]) for k in finals[0]},
+                    "criterion": summarise([sc.criterion(f) for f in finals]),
+                    "cost": {k: summarise([r["cost"][k] for _, r in runs]) for k in ("example_grads", "train_seconds")},
+                    "wall_seconds": summarise([r["wall_seconds"] for _, r in runs]),
+                }
+                for j, r in runs:
+                    block["runs"].append({"seed": j.seed, "condition": cond, "method": m, "final": r["final"],
+                                          "criterion": sc.criterion(r["final"]), "stages": r["stages"],
+                                          "cost": r["cost"]})
+            block["conditions"][cond] = {"methods": methods}
+        out[name] = block
     return out

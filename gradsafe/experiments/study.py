@@ -1,49 +1,50 @@
-"""The study behind ``gradsafe demo``: run the jobs, aggregate, print the report, write the outputs.
+"""The study behind ``gradsafe demo``: tune (optionally), report, aggregate, judge, write.
 
-The parts, by job (none imports a later one):
-
-- ``jobs``: ``StudyConfig``, ``make_config``, ``Job``, the schedule and ``execute``;
-- ``stats``: correlations, the thesis test, ``aggregate`` (means over seeds, acceptance);
-- ``tables``: ``format_report``, the Markdown tables and verdicts;
-- ``plots``: the PNGs (matplotlib, the ``[demo]`` extra);
-- this module: ``write_outputs`` (JSON and Markdown first, then the PNGs) and ``run_study``, and the public
-  names of the others.
+The parts, by job (none imports a later one): ``jobs`` (configuration, grid, schedule) ->
+``stats`` (bootstrap, selection, aggregation) -> ``tables`` (Markdown) -> ``plots``
+(matplotlib) -> this module (``run_study``, ``write_outputs``). ``predictions`` (the
+thesis's verdicts) reads only ``stats``.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from .jobs import SCENARIOS, Job, StudyConfig, execute, make_config
-from .plots import plot_refresh, plot_scenario, plot_thesis
-from .stats import NEW_ACC_TOLERANCE, aggregate, fraction_key, pearson, rankdata, spearman, thesis_stats
+from .jobs import (
+    SCENARIOS,
+    Job,
+    StudyConfig,
+    default_setting,
+    execute,
+    make_config,
+    report_jobs,
+    tune_jobs,
+)
+from .plots import plot_curves, plot_pareto
+from .predictions import all_predictions
+from .stats import (
+    aggregate,
+    bootstrap_ci,
+    pearson,
+    rankdata,
+    select,
+    settings_from,
+    spearman,
+)
 from .tables import format_report
 
-__all__ = [
-    "SCENARIOS",
-    "NEW_ACC_TOLERANCE",
-    "StudyConfig",
-    "Job",
-    "make_config",
-    "execute",
-    "aggregate",
-    "pearson",
-    "rankdata",
-    "spearman",
-    "thesis_stats",
-    "format_report",
-    "write_outputs",
-    "write_tables",
-    "write_plots",
-    "run_study",
-]
+__all__ = ["SCENARIOS", "StudyConfig", "Job", "make_config", "execute", "aggregate", "pearson", "rankdata",
+           "spearman", "bootstrap_ci", "format_report", "write_outputs", "write_tables", "write_plots", "run_study",
+           "tune"]
 
 
 def _clean(x: Any) -> Any:
@@ -74,7 +75,6 @@ def write_tables(agg: dict[str, Any], out_dir: str, report: str) -> dict[str, st
 
 
 def _write_markdown(paths: dict[str, str], report: str) -> None:
-    """``results.md``: the report, then a link to each PNG in ``paths``."""
     with open(paths["markdown"], "w") as f:
         f.write("# gradsafe study results\n\n")
         f.write(report)
@@ -85,59 +85,63 @@ def _write_markdown(paths: dict[str, str], report: str) -> None:
 
 def write_plots(agg: dict[str, Any], out_dir: str, report: str, paths: dict[str, str]) -> dict[str, str]:
     """The PNGs in ``out_dir``, added to ``paths``; ``results.md`` is rewritten with their links."""
-    methods = list(agg["meta"]["methods"])
-    if "continual" in agg:
-        c = agg["continual"]
-        cfg = c["config"]
-        paths["continual_png"] = os.path.join(out_dir, "continual.png")
-        plot_scenario(paths["continual_png"], f"Continual learning: {cfg['setting']} digits, tasks 2..{cfg['n_tasks']} "
-                      f"(mean over seeds)", c["runs"], methods, "old_acc", "mean accuracy on earlier tasks",
-                      boundaries=[cfg["steps"] * t for t in range(1, cfg["n_tasks"] - 1)])
-        for setting, sub in c.get("other_settings", {}).items():
-            scfg = sub["config"]
-            key = f"continual_{setting.replace('-', '_')}_png"
-            paths[key] = os.path.join(out_dir, key[:-4] + ".png")
-            plot_scenario(paths[key], f"Continual learning: {setting} digits ({scfg['incremental']}), tasks "
-                          f"2..{scfg['n_tasks']} (mean over seeds)", sub["runs"], methods, "old_acc",
-                          "mean accuracy on earlier tasks",
-                          boundaries=[scfg["steps"] * t for t in range(1, scfg["n_tasks"] - 1)])
-    if "safety" in agg:
-        s = agg["safety"]
-        p = 0.1 if fraction_key(0.1) in s["fractions"] else s["config"]["fractions"][-1]
-        paths["safety_png"] = os.path.join(out_dir, "safety.png")
-        plot_scenario(paths["safety_png"], f"Safety: fine-tuning with p = {p:g} harmful requests (mean over seeds)",
-                      [r for r in s["runs"] if r["p"] == p], methods, "refusal", "refusal rate (held-out family)")
-    if agg.get("thesis"):
-        paths["thesis_png"] = os.path.join(out_dir, "thesis.png")
-        plot_thesis(paths["thesis_png"], agg)
-        refresh = os.path.join(out_dir, "refresh.png")
-        if plot_refresh(refresh, agg):
-            paths["refresh_png"] = refresh
+    for name in agg["meta"]["scenarios"]:
+        block = agg[name]
+        paths[f"{name}_pareto_png"] = os.path.join(out_dir, f"{name}_pareto.png")
+        plot_pareto(paths[f"{name}_pareto_png"], name, block)
+        cond = block["config"]["tuned_condition"]
+        if any(r["condition"] == cond for r in block["runs"]):
+            paths[f"{name}_curves_png"] = os.path.join(out_dir, f"{name}_curves.png")
+            plot_curves(paths[f"{name}_curves_png"], name, block, cond)
     _write_markdown(paths, report)
     return paths
 
 
 def write_outputs(agg: dict[str, Any], out_dir: str, report: str) -> dict[str, str]:
-    """``results.json`` and ``results.md`` first, then the PNGs, in ``out_dir``; returns name -> path.
-
-    The tables are on disk before any plot is drawn, so a failing plot loses no numbers.
-    """
+    """``results.json`` and ``results.md`` first, then the PNGs; a failing plot loses no numbers."""
     return write_plots(agg, out_dir, report, write_tables(agg, out_dir, report))
+
+
+def tune(cfg: StudyConfig, progress: bool = False, journal: str | None = None) -> dict[str, Any]:
+    """The tuning stage: every method over its grid on the development seeds; returns the selection record.
+
+    ``journal``: see ``jobs.execute`` (an interrupted tuning resumes from it).
+    """
+    t0 = time.perf_counter()
+    results = execute(tune_jobs(cfg), cfg.quick, cfg.workers, progress, desc="tuning", journal=journal)
+    return {
+        "command": "gradsafe " + " ".join(sys.argv[1:]) if sys.argv else "gradsafe demo --tune",
+        "date": datetime.date.today().isoformat(),
+        "quick": cfg.quick,
+        "dev_seeds": list(cfg.dev_seeds),
+        "methods": list(cfg.methods),
+        "wall_seconds": time.perf_counter() - t0,
+        "selection": select(cfg, results),
+    }
 
 
 def run_study(cfg: StudyConfig, out_dir: str | None = "results", progress: bool = False,
               printer: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Run, aggregate, print and write; returns the aggregated results (with ``paths``).
-
-    ``out_dir`` is created before the first job runs (an ``OSError`` then, not after the study).
-    """
+    """Tune (``cfg.tune``) or read the stored selection, run the report, aggregate, judge, print, write."""
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    results = execute(cfg, progress=progress)
+    if cfg.tune:
+        record = tune(cfg, progress, journal=os.path.join(out_dir, "tuning.jsonl") if out_dir else None)
+        if out_dir:
+            with open(os.path.join(out_dir, "tuned.json"), "w") as f:
+                json.dump(_clean(record), f, indent=1)
+                f.write("\n")
+    else:
+        record = cfg.stored
+    settings, untuned = settings_from(record.get("selection", {}), cfg, default_setting)
+    results = execute(report_jobs(cfg, settings), cfg.quick, cfg.workers, progress, desc="report",
+                      journal=os.path.join(out_dir, "report.jsonl") if out_dir and cfg.tune else None)
     wall = time.perf_counter() - t0
-    agg = aggregate(cfg, results, wall_seconds=wall)
-    report = format_report(agg)
+    agg = aggregate(cfg, results, settings, untuned, record.get("selection", {}), wall_seconds=wall)
+    agg["meta"]["selection_source"] = {k: record.get(k) for k in ("command", "date", "dev_seeds", "wall_seconds", "note")}
+    agg["predictions"] = all_predictions(agg)
+    report = format_report(agg, agg["predictions"])
     if printer is not None:
         printer(report)
     agg["paths"] = write_outputs(agg, out_dir, report) if out_dir else {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import pytest
 
@@ -32,65 +31,75 @@ def quick_run(tmp_path_factory):
 def test_quick_cli_prints_tables_and_verdicts(quick_run):
     rc, printed, _ = quick_run
     assert rc == 0
-    for text in ("## Continual learning", "## Safety erosion", "## The thesis test", "| method |",
-                 "Acceptance (continual)", "Acceptance (safety, p = 0.1)", "Benign fine-tuning alone", "wall time"):
+    for text in ("## continual:", "## safety:", "label-flip toy", "### safety: `benign-only`", "| method |",
+                 "## Settings used", "(a) methods rank the same", "(d) the monitor warns", "wall time"):
         assert text in printed, text
     for name in QUICK_METHODS:
         assert METHODS[name].label in printed
+    width = max(len(line) for line in printed.splitlines() if line.startswith("|"))
+    assert width <= 120, width
 
 
 def test_quick_json_structure(quick_run):
     _, _, out = quick_run
     res = json.loads((out / "results.json").read_text())
-    assert set(res) >= {"meta", "continual", "safety", "thesis"}
-    assert res["meta"]["quick"] is True and res["meta"]["seeds"] == [0]
+    assert set(res) >= {"meta", "continual", "safety", "selection", "predictions"}
+    assert res["meta"]["quick"] is True and res["meta"]["report_seeds"] == [0]
     assert list(res["meta"]["methods"]) == list(QUICK_METHODS)
-
-    c = res["continual"]
-    assert set(c) >= {"config", "methods", "acceptance", "runs", "pretrained_acc"}
-    assert list(c["methods"]) == list(QUICK_METHODS)
-    for name, m in c["methods"].items():
-        assert set(m["final"]) >= {"avg_acc", "forgetting", "bwt", "new_acc", "learn_acc"}
-        for stat in m["final"].values():
-            assert set(stat) == {"mean", "std", "values"}
-        assert set(m["cost"]) >= {"train_seconds", "setup_backward", "step_backward", "steps"}
-        assert len(m["forgetting_per_task"]["mean"]) == c["config"]["n_tasks"] - 1
-    assert c["methods"]["plain"]["cost"]["step_backward"]["mean"] == 0
-    assert c["methods"]["agem_1"]["cost"]["step_backward"]["mean"] > 0  # one refresh per step
-    assert c["acceptance"]["target"] and "met" in c["acceptance"]
-    assert c["pretrained_acc"]["0"][0] > 0.5  # task 1 was learnt (chance is 0.1)
-
-    s = res["safety"]
-    assert set(s) >= {"config", "aligned", "aligned_mean", "fractions", "acceptance", "runs"}
-    assert set(s["fractions"]) == {"0", "0.1"}
-    for fr in s["fractions"].values():
-        assert list(fr["methods"]) == list(QUICK_METHODS)
-        for m in fr["methods"].values():
-            assert set(m["final"]) >= {"refusal", "harmful", "refusal_drop", "new_acc", "benign_acc", "over_refusal"}
-            assert math.isclose(m["final"]["harmful"]["mean"], 1 - m["final"]["refusal"]["mean"], abs_tol=1e-5)
-    assert s["aligned_mean"]["refusal"]["mean"] > 0.5  # the aligned model refuses the held-out family
-    assert "met" in s["acceptance"]
-
-    for scen in ("continual", "safety"):
-        t = res["thesis"][scen]
-        assert set(t) >= {"runs", "windows", "pearson_window", "spearman_window", "pearson_cumulative",
-                          "spearman_cumulative", "spearman_conflicts_cumulative", "per_method"}
-        assert t["windows"] > 0
-    for r in c["runs"] + s["runs"]:
-        w = r["windows"]
-        assert len(w["predicted"]) == len(w["measured"]) == len(w["conflicts"]) > 0
-        assert all(v is not None for v in w["predicted"])
+    for scen, conds in (("continual", ["permuted"]), ("safety", ["harmful-0.1", "benign-only"])):
+        block = res[scen]
+        assert list(block["conditions"]) == conds
+        for cond in conds:
+            methods = block["conditions"][cond]["methods"]
+            assert list(methods) == list(QUICK_METHODS)
+            for m in methods.values():
+                for stat in list(m["final"].values()) + [m["criterion"]]:
+                    assert set(stat) == {"mean", "lo", "hi", "values"}
+                    assert stat["lo"] <= stat["mean"] <= stat["hi"]
+                assert m["cost"]["example_grads"]["mean"] > 0
+            plain, agem = methods["plain"], methods["agem"]
+            assert agem["cost"]["example_grads"]["mean"] > plain["cost"]["example_grads"]["mean"]  # live references
+        for r in block["runs"]:
+            for st in r["stages"]:
+                assert len(st["windows"]["predicted"]) == len(st["curve"]["step"]) - 1 > 0
+                assert -1.0 <= st["cosine"] <= 1.0
+    c = res["continual"]["conditions"]["permuted"]["methods"]["plain"]["final"]
+    assert set(c) >= {"acc", "bwt", "fwt", "learn_acc", "old_acc", "new_acc"}
+    s = res["safety"]["conditions"]["harmful-0.1"]["methods"]["plain"]["final"]
+    assert set(s) >= {"refusal", "new_acc", "benign_acc", "refusal_drop", "refusal_align"}
+    assert res["safety"]["aligned"]["refusal"]["mean"] > 0.5  # the aligned model refuses the held-out family
+    assert res["meta"]["untuned"]["safety"] == list(QUICK_METHODS)  # quick ignores the protocol's selection, and says so
+    for key in "abcd":
+        assert res["predictions"][key]["verdict"] in ("confirmed", "refuted", "inconclusive", "not run")
 
 
 def test_quick_outputs_written(quick_run):
     _, _, out = quick_run
     md = (out / "results.md").read_text()
     assert md.startswith("# gradsafe study results")
-    assert md.count("| method |") >= 3 and "## The thesis test" in md
-    for png in ("continual.png", "safety.png", "thesis.png"):
+    assert md.count("| method |") >= 4 and "## The thesis's predictions" in md
+    for png in ("continual_pareto.png", "safety_pareto.png", "continual_curves.png", "safety_curves.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, png
         assert f"({png})" in md
+
+
+def test_grid_is_the_protocols():
+    sc = jobs.make_scenario("safety")
+    assert len(jobs.grid(sc, "plain")) == 3 * 2
+    assert len(jobs.grid(sc, "ewc")) == 3 * 2 * 2
+    assert {s.lr for s in jobs.grid(sc, "ogd")} == {0.01, 0.03, 0.1}  # SGD's grid
+    assert {s.steps for s in jobs.grid(sc, "plain")} == {100, 200}
+    cfg = jobs.make_config(methods=["ewc"])
+    tune = jobs.tune_jobs(cfg)
+    assert {j.seed for j in tune} == set(jobs.DEV_SEEDS) and not set(jobs.DEV_SEEDS) & set(cfg.report_seeds)
+    assert {j.condition for j in tune} == {"permuted", "harmful-0.1"}
+    assert len(cfg.report_seeds) >= 5
+    stored = jobs.load_selection()  # the shipped selection: every setting is a point of the protocol's grid
+    for scen, block in stored["selection"].items():
+        sc = jobs.make_scenario(scen)
+        for method, chosen in block["selected"].items():
+            assert chosen in [s.as_dict() for s in jobs.grid(sc, method)], (scen, method)
 
 
 def test_parse_seeds_and_config():
@@ -101,10 +110,16 @@ def test_parse_seeds_and_config():
             demo.parse_seeds(bad)
     assert study.make_config is jobs.make_config
     cfg = jobs.make_config(quick=True)
-    assert cfg.seeds == (0,) and cfg.methods == QUICK_METHODS
-    assert jobs.make_config().seeds == (0, 1, 2) and len(jobs.make_config().methods) == len(METHODS)
+    assert cfg.report_seeds == (0,) and cfg.methods == QUICK_METHODS
+    full = jobs.make_config(full=True)
+    assert full.report_seeds == (0, 1, 2, 3, 4) and len(full.methods) == len(METHODS) and full.tune
+    assert full.conditions["safety"] == jobs.make_scenario("safety").conditions
+    default = jobs.make_config()
+    assert not default.tune and "harmful-0.05" in default.plain_conditions["safety"]
     with pytest.raises(ValueError):
         jobs.make_config(scenarios=["vision"])
+    with pytest.raises(ValueError, match="development seeds"):
+        jobs.make_config(seeds=[0, 100])
 
 
 def test_cli_rejects_unknown_methods(capsys):

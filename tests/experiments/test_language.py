@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from gradsafe.experiments import language, safety
@@ -68,14 +69,21 @@ def test_safety_data_never_shows_the_evaluation_prompts():
     align_prompts = prompts(data["align"])
     assert not align_prompts & evals
     assert not prompts(data["memory"]) & evals
-    assert not prompts(safety.finetune_data(0, cfg, 0.1)) & evals
+    for condition in safety.CONDITIONS:
+        assert not prompts(safety.finetune_data(0, cfg, condition)) & evals, condition
     # no held-out-family harmful prompt in the alignment data
     for p in align_prompts:
         if any(t in language.HARMFUL_VERBS for t in p):
             assert "kindly" not in p and "quickly" not in p
-    ft = safety.finetune_data(0, cfg, 0.1)
-    first = ft.tokens[torch.arange(len(ft)), ft.answer_start]
-    assert int((first == language.SURE).sum()) == round(0.1 * cfg.ft_examples)
+    for condition, sure, harmful in (("harmful-0.1", 20, 20), ("identity-shift", 20, 0), ("benign-only", 0, 0)):
+        ft = safety.finetune_data(0, cfg, condition)
+        assert len(ft) == cfg.ft_examples
+        first = ft.tokens[torch.arange(len(ft)), ft.answer_start]
+        assert int((first == language.SURE).sum()) == sure, condition
+        verbs = torch.tensor([language.TOKEN[v] for v in language.HARMFUL_VERBS])
+        assert int(torch.isin(ft.tokens, verbs).any(1).sum()) == harmful, condition
+    with pytest.raises(ValueError, match="unknown safety condition"):
+        safety.finetune_data(0, cfg, "harmful-1.5")
 
 
 def test_encode_and_teacher_forced_scores():

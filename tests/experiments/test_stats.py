@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from gradsafe.experiments import stats, study
+from gradsafe.experiments import predictions, stats, study
 
 
 def test_rankdata_ties():
@@ -35,20 +35,88 @@ def test_pearson_matches_numpy_and_degenerate_cases():
         stats.pearson([1, 2, 3], [1, 2])
 
 
-def test_thesis_stats_on_a_hand_made_run():
-    run = {"windows": {"predicted": [0.1, 0.2, -0.1, 0.3], "measured": [0.2, 0.4, -0.2, 0.6],
-                       "measured_memory": [0.1, 0.2, -0.1, 0.3], "conflicts": [1, 2, 0, 3],
-                       "steps": [5, 5, 5, 5], "stage": [1, 1, 2, 2]}}
-    t = stats.thesis_stats([run])
-    assert t["windows"] == 4 and t["runs"] == 1
-    assert math.isclose(t["pearson_window"], 1.0) and math.isclose(t["slope_window"], 2.0)
-    assert math.isclose(t["slope_window_memory"], 1.0) and t["sign_agreement"] == 1.0
-    # running sums restart with each stage: predicted [.1, .3, -.1, .2], measured [.2, .6, -.2, .4]
-    assert math.isclose(t["pearson_cumulative"], 1.0)
-    assert math.isclose(t["spearman_cumulative"], 1.0)
+def test_bootstrap_ci_against_a_direct_resampling():
+    values = [0.2, 0.5, 0.4, 0.9, 0.6]
+    lo, hi = stats.bootstrap_ci(values, n=4000, seed=3)
+    rng = np.random.default_rng(3)
+    means = np.asarray(values)[rng.integers(0, 5, (4000, 5))].mean(1)
+    assert (lo, hi) == tuple(np.percentile(means, [2.5, 97.5]))
+    assert lo < np.mean(values) < hi and min(values) <= lo and hi <= max(values)
+    assert stats.bootstrap_ci([0.3, 0.3, 0.3]) == (0.3, 0.3)
+    s = stats.summarise(values)
+    assert s["mean"] == pytest.approx(0.52) and s["values"] == values
 
+
+def _agg(crit_a, crit_b, seeds=5):
+    """A hand-made aggregate: per method, criterion values over seeds in each domain."""
+    def block(crit, cond):
+        methods = {m: {"criterion": {"values": [c + 0.001 * s for s in range(seeds)]}} for m, c in crit.items()}
+        return {"config": {"tuned_condition": cond}, "conditions": {cond: {"methods": methods}}, "runs": []}
+
+    return {"meta": {"methods": list(crit_a)}, "continual": block(crit_a, "permuted"),
+            "safety": block(crit_b, "harmful-0.1")}
+
+
+def test_prediction_a_verdicts():
+    same = {"plain": 0.1, "replay": 0.5, "ewc": 0.3, "agem": 0.7, "ogd": 0.2}
+    assert predictions.rank_agreement(_agg(same, same))["verdict"] == "confirmed"
+    flipped = {m: -v for m, v in same.items()}
+    a = predictions.rank_agreement(_agg(same, flipped))
+    assert a["rho"] == pytest.approx(-1.0) and a["verdict"] == "refuted"
+    assert predictions.rank_agreement({"meta": {"methods": []}})["verdict"] == "not run"
+
+
+def test_prediction_b_regret():
+    def scores(best_knob):
+        return {"ewc": {f"k{k}": {"setting": {"lr": 1e-3, "steps": 10, "knobs": {"lam": k}}, "mean": m}
+                        for k, m in ((1.0, 0.9 if best_knob == 1.0 else 0.1), (2.0, 0.9 if best_knob == 2.0 else 0.1))}}
+
+    def sel(best_a, best_b):
+        return {"selection": {
+            "continual": {"selected": {"ewc": {"lr": 1e-3, "steps": 10, "knobs": {"lam": best_a}}}, "scores": scores(best_a)},
+            "safety": {"selected": {"ewc": {"lr": 1e-3, "steps": 10, "knobs": {"lam": best_b}}}, "scores": scores(best_b)}}}
+
+    assert predictions.hyper_transfer(sel(1.0, 1.0))["verdict"] == "confirmed"
+    b = predictions.hyper_transfer(sel(1.0, 2.0))
+    assert b["median_regret"] == pytest.approx(1.0) and b["verdict"] == "refuted"
+    assert predictions.hyper_transfer({"selection": {}})["verdict"] == "not run"
+    partial = sel(1.0, 2.0)
+    partial["selection"]["safety"]["selected"] = {}  # an unfinished grid in one domain
+    assert predictions.hyper_transfer(partial)["verdict"] == "not run"
+
+
+def _stage(protected, predicted, cosine=0.0):
+    steps = list(range(0, 10 * len(protected), 10))
+    return {"stage": 1, "cosine": cosine, "curve": {"step": steps, "protected": protected},
+            "windows": {"predicted": predicted, "measured": [0.0] * len(predicted), "steps": [10] * len(predicted)}}
+
+
+def test_prediction_d_warning_before_the_drop():
+    early = _stage([1.0, 1.0, 0.9], [0.06, 0.0])  # warned at step 10, dropped at step 20
+    late = _stage([1.0, 0.9, 0.8], [0.0, 0.06])  # dropped at 10, warned at 20
+    quiet = _stage([1.0, 1.0, 1.0], [0.0, 0.0])
+    runs = lambda *st: {"meta": {"methods": ["plain"]},  # noqa: E731
+                        "continual": {"runs": [{"method": "plain", "stages": list(st), "condition": "c", "seed": 0}]}}
+    d = predictions.monitor_warns(runs(early, early, quiet))
+    assert d["warned_first"] == 1.0 and d["false_alarm"] == 0.0 and d["verdict"] == "confirmed"
+    assert d["median_lead_steps"] == 10
+    assert predictions.monitor_warns(runs(late, late, early))["verdict"] == "refuted"
+    assert predictions.monitor_warns(runs(quiet))["verdict"] == "not run"
+
+
+def test_prediction_c_cosine_and_erosion():
+    def block(pairs):  # per dataset: (cosine, erosion), on seeds 0 and 1
+        runs = [{"method": "plain", "condition": f"d{i}", "seed": s,
+                 "stages": [_stage([1.0, 1.0 - e], [0.0], c)]} for i, (c, e) in enumerate(pairs) for s in (0, 1)]
+        return {"runs": runs}
+
+    good = block([(0.5, 0.0), (0.0, 0.2), (-0.5, 0.6), (-0.8, 0.9)])
+    c = predictions.cosine_predicts_erosion({"continual": good, "safety": good})
+    assert c["continual"]["rho"] == pytest.approx(1.0) and c["verdict"] == "confirmed"
+    bad = block([(0.5, 0.9), (0.0, 0.6), (-0.5, 0.2), (-0.8, 0.0)])
+    assert predictions.cosine_predicts_erosion({"continual": good, "safety": bad})["verdict"] == "refuted"
 
 
 def test_study_reexports_the_statistics():
-    for name in ("pearson", "rankdata", "spearman", "thesis_stats", "aggregate"):
+    for name in ("pearson", "rankdata", "spearman", "aggregate", "bootstrap_ci"):
         assert getattr(study, name) is getattr(stats, name), name
