@@ -24,7 +24,7 @@ import os
 import time
 
 from .._optional import UserError, require_installed
-from .jobs import SCENARIOS, make_config
+from .jobs import FACTORIES, SCENARIOS, make_config
 from .methods import METHODS
 
 __all__ = ["add_arguments", "run", "parse_seeds", "positive_int", "check_dependencies", "check_output_dir"]
@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 5 methods, small sizes (under a minute)")
     parser.add_argument("--tune", action="store_true", help="rerun the tuning on the development seeds first")
     parser.add_argument("--full", action="store_true", help="the whole protocol: tuning, then every method on every condition")
-    parser.add_argument("--scenario", choices=("all",) + SCENARIOS, default="all",
+    parser.add_argument("--scenario", choices=("all",) + tuple(FACTORIES), default="all",
                         help="which scenario to run (default: all)")
     parser.add_argument("--seeds", type=parse_seeds, default=None, metavar="N|LIST",
                         help="report seeds: a count (0..N-1) or a comma-separated list (default: 5, quick: 1)")

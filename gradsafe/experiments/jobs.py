@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .._optional import require
-from . import continual, safety
+from . import continual, lm_safety, safety
 from .methods import METHODS, method_names
 from .scenario import Scenario, Setting
 
@@ -40,6 +40,7 @@ TUNED_PATH = os.path.join(os.path.dirname(__file__), "tuned.json")
 FACTORIES: dict[str, Callable[[bool], Scenario]] = {
     "continual": lambda quick: continual.ContinualScenario(config=continual.QUICK if quick else continual.FULL),
     "safety": lambda quick: safety.SafetyScenario(config=safety.QUICK if quick else safety.FULL),
+    "lm-safety": lambda quick: lm_safety.LMSafetyScenario(config=lm_safety.QUICK if quick else lm_safety.FULL),
 }
 
 
