@@ -135,7 +135,7 @@ def pretrain(cfg: PretrainConfig, log: Any = None) -> tuple[charlm.CharGPT, dict
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        running += float(loss)
+        running += float(loss.detach())
         seen += 1
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             v = evaluate_loss(model, val, cfg.seq_len, cfg.eval_windows)
@@ -162,7 +162,7 @@ def pretrain(cfg: PretrainConfig, log: Any = None) -> tuple[charlm.CharGPT, dict
         "final_val_loss": evaluate_loss(model, val, cfg.seq_len, None),
         "wall_seconds": wall,
         "threads": cfg.threads,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "python": platform.python_version(),
     }
     return model, record
