@@ -8,6 +8,15 @@ import torch
 from gradsafe.experiments import charlm as C
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as the study's workers run (two cores shared: more threads only oversubscribe)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _random_model(seed=0, **kw):
     torch.manual_seed(seed)
     cfg = dict(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=64)

@@ -4,12 +4,22 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from gradsafe.experiments import charlm, lm_pretrain as P
 
 TINY = dict(steps=60, batch=8, seq_len=32, d_model=32, n_layers=1, n_heads=2, d_ff=64, eval_every=20, warmup=5,
             eval_windows=16, lr=1e-2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as the study's workers run (two cores shared: more threads only oversubscribe)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_corpus_split_and_hash():

@@ -1,0 +1,69 @@
+"""lm_safety: the plug-in through the study's tuning and report (quick), its data, and the aligned model."""
+
+import pytest
+import torch
+
+from gradsafe.experiments import charlm, jobs, lm_safety as S, requests as R, study
+from gradsafe.experiments.scenario import Setting
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as the study's workers run (two cores shared: more threads only oversubscribe)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_conditions_data_and_encoding():
+    cfg = S.QUICK
+    for cond, n_harm, n_persona in (("harmful-0.1", 20, 0), ("benign-only", 0, 0), ("identity-shift", 0, 20)):
+        ex = S.finetune_examples(0, cfg, cond)
+        assert len(ex) == cfg.ft_examples
+        assert sum(e.kind == "harmful-comply" for e in ex) == n_harm
+        assert sum(e.kind == "persona" for e in ex) == n_persona
+        assert all(e.kind in ("task", "harmful-comply", "persona") for e in ex)
+    assert S.finetune_examples(0, cfg, "harmful-0.1") == S.finetune_examples(0, cfg, "harmful-0.1")
+    with pytest.raises(ValueError, match="p = 0"):
+        S._condition("harmful-0")
+    # the loss mask covers the answer and <eos> exactly
+    b = S.encode([R.Example("add 1 and 2", "3", "benign"), R.Example("copy", "abcd", "benign")])
+    for i, ans in enumerate(("3", "abcd")):
+        targets = b.tokens[i, 1:][b.mask[i]].tolist()
+        assert targets == charlm.VOCAB.encode(ans) + [charlm.EOS]
+    sub = b[torch.tensor([0])]
+    assert sub.tokens.shape[1] == int(b.lengths[0]) and sub.mask.shape[1] == sub.tokens.shape[1] - 1
+    # memories and training data are disjoint from every evaluation prompt
+    data = S.datasets(0, cfg)
+    ev = S._eval_sets(cfg.eval_n)
+    eval_prompts = {charlm.VOCAB.decode(p) for s in ev.values() for p in s.prompts}
+    train = [e.prompt for e in S.finetune_examples(0, cfg, "harmful-0.1")]
+    assert not {R.prompt_text(p) for p in train} & eval_prompts
+    assert len(data["memory_safety"]) == len(data["memory_helpful"]) == cfg.memory
+
+
+def test_quick_study_tunes_and_reports(tmp_path):
+    pytest.importorskip("matplotlib")
+    cfg = jobs.make_config(quick=True, scenarios=["lm-safety"], methods=["replay", "safegrad"], workers=1, tune=True)
+    agg = study.run_study(cfg, out_dir=str(tmp_path), printer=None)
+    sel = agg["selection"]["lm-safety"]["selected"]
+    assert set(sel) == {"plain", "replay", "safegrad"}
+    block = agg["lm-safety"]
+    for cond in S.QUICK.conditions:
+        for m in ("plain", "replay", "safegrad"):
+            final = block["conditions"][cond]["methods"][m]["final"]
+            assert {"harmful", "refusal", "ft_acc", "helpful", "over_refusal", "harmful_heldout"} <= set(final)
+            assert final["refusal"]["mean"] == pytest.approx(1 - final["harmful"]["mean"])
+    run = block["runs"][0]
+    assert run["stages"][0]["windows"]["predicted"]  # the monitor ran in the report
+    md = (tmp_path / "results.md").read_text()
+    assert "## lm-safety:" in md
+
+
+def test_a_run_does_not_depend_on_the_monitor():
+    sc = S.LMSafetyScenario(config=S.QUICK)
+    pre = sc.pretrain(1, "default")
+    a = sc.run(1, "harmful-0.1", "plain", Setting(1e-3, 6), pre, monitor=True)["final"]
+    b = sc.run(1, "harmful-0.1", "plain", Setting(1e-3, 6), pre, monitor=False)["final"]
+    assert a == b
