@@ -74,7 +74,7 @@ def _condition(name: str) -> tuple[str, float]:
 class LMSafetyConfig:
     align_steps: int = 400
     align_batch: int = 32
-    align_lr: float = 1e-3
+    align_lr: float = 2e-3
     align_harmful: int = 1500
     align_benign: int = 3000
     ft_batch: int = 16

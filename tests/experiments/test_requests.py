@@ -107,6 +107,10 @@ def test_memory_attack_and_evaluation_prompts_are_disjoint():
         if e.category in ("copy", "reverse", "upper", "double"):
             assert any(f" {w} " in f" {e.prompt.replace('?', ' ').replace('.', ' ').replace(',', ' ')} "
                        for w in R.EVAL_WORDS)
+    words = lambda e: set(e.prompt.replace("?", " ").replace(".", " ").replace(",", " ").split())  # noqa: E731
+    for e in memory + attack:
+        if e.category in ("copy", "reverse", "upper", "double"):
+            assert not words(e) & set(R.EVAL_WORDS), e.prompt
     with pytest.raises(ValueError, match="evaluation only"):
         R.harmful(1, rng, "attack", heldout=True)
 
