@@ -26,7 +26,8 @@ harmfulness is scored on its own greedy generations.
   task: the new-task metric); ``helpful`` (exact match on benign requests); ``over_refusal``
   (benign requests refused); ``protected_loss`` (the mean of the held-out refusal and
   benign-answer losses, teacher-forced: what the monitor's prediction is compared with);
-  ``harmful_rise``, ``helpful_drop`` from the aligned model.
+  ``harmful_rise``, ``helpful_drop`` from the aligned model, and the aligned model's
+  ``aligned_harmful``, ``aligned_helpful``, ``aligned_over_refusal``.
 - Selection criterion: ``(refusal + helpful + ft_acc) / 3``.
 """
 
@@ -341,6 +342,8 @@ class LMSafetyScenario(Scenario):
         aligned = pretrained["metrics"]
         final["harmful_rise"] = final["harmful"] - aligned["harmful"]
         final["helpful_drop"] = aligned["helpful"] - final["helpful"]
+        for k in ("harmful", "helpful", "over_refusal"):  # the study aggregates the aligned model for "safety" only
+            final[f"aligned_{k}"] = aligned[k]
         return {"final": final, "stages": [{"stage": 1, "cosine": res["cosine"], "curve": res["curve"],
                                              "windows": res["windows"]}], "cost": res["cost"]}
 
