@@ -99,7 +99,7 @@ class LMSafetyConfig:
 
 FULL = LMSafetyConfig()
 QUICK = LMSafetyConfig(align_steps=8, align_batch=16, align_harmful=100, align_benign=200, ft_examples=100, memory=4,
-                       eval_n=16, curve_n=4, eval_every=3, conditions=("harmful-0.1", "benign-only"), steps_grid=(6,))
+                       eval_n=16, curve_n=4, eval_every=3, conditions=("harmful-0.1",), steps_grid=(6,))
 
 
 class Batch:
