@@ -30,7 +30,7 @@ from ..activations import collect_activation_bases
 from ..collect import collect_gradients
 from ..optimizer import ProtectedOptimizer
 
-__all__ = ["Protected", "Method", "METHODS", "QUICK_METHODS", "FAMILIES", "Built", "build", "method_names", "kl_rows"]
+__all__ = ["Protected", "Method", "METHODS", "QUICK_METHODS", "DEFAULT_METHODS", "FAMILIES", "Built", "build", "method_names", "kl_rows"]
 
 Sample = list["torch.Tensor | None"]
 LWF_TEMPERATURE = 2.0  # Li and Hoiem 2017
@@ -266,6 +266,10 @@ METHODS: dict[str, Method] = {
     )
 }
 QUICK_METHODS = tuple(name for name, m in METHODS.items() if m.quick)
+# the default demo's subset of the report (docs/study.md, fixed before the report runs): the
+# literature's first baselines (replay, the KL loss, EWC), the thesis's live operators
+# (A-GEM, SafeGrad) and the upper bound; ``--full`` reports every method
+DEFAULT_METHODS = ("plain", "replay", "kl", "ewc", "agem", "safegrad", "joint")
 
 
 def method_names(names: Sequence[str] | None = None, quick: bool = False) -> tuple[str, ...]:
