@@ -364,7 +364,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
                     return self._stop_nonfinite(bad)
             if align:  # in this space rho r joins the gradient the base step reads
                 add_alignment_terms(objectives, params, active)
-            before = [p.detach().clone() for p in covered]
+            before = self._snapshot(plan, covered)
             self.base_optimizer.step()
             # the surgery acts on u = theta_before - theta_after, the "gradient-like" direction,
             # in the parameter's own precision (float32 for lower-precision parameters).
@@ -387,6 +387,22 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             if in_place:
                 tensors = None  # they are the parameters now; nothing reads them (no fisher_step)
         return plan, record, tensors
+
+    @torch.compiler.disable
+    def _snapshot(self, plan: Plan, covered: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copies of the covered parameters (space "update"), in buffers kept with the plan.
+
+        The buffers live as long as the plan (they would be allocated every step otherwise,
+        which on the CPU costs a page fault per 4 KiB as well as the copy)."""
+        buffers = plan.cache.get(("structure", "snapshot"))
+        if buffers is None or len(buffers) != len(covered) or any(
+            b.shape != p.shape or b.dtype != p.dtype or b.device != p.device for b, p in zip(buffers, covered)
+        ):
+            buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in covered]
+            plan.cache[("structure", "snapshot")] = buffers
+        for b, p in zip(buffers, covered):
+            b.copy_(p.detach())
+        return buffers
 
     @torch.compiler.disable
     def _stop_nonfinite(self, bad: list[int]) -> None:
