@@ -378,7 +378,13 @@ class ProtectedOptimizer(torch.optim.Optimizer):
                     tensors.append(torch.sub(b, p.detach(), out=p.detach()))
                 else:
                     tensors.append(b.to(w) - p.detach().to(w))
-            record = self._backend.run(plan, tensors)
+            try:
+                record = self._backend.run(plan, tensors)
+            except BaseException:  # a parameter may hold u: give it back theta_before, not garbage
+                if in_place:
+                    for p, b in zip(covered, before):
+                        p.detach().copy_(b)
+                raise
             for p, b, u in zip(covered, before, tensors):
                 if u.dtype == p.dtype:  # theta_before - u', written straight into the parameter
                     torch.sub(b, u, out=p.detach())
@@ -390,10 +396,14 @@ class ProtectedOptimizer(torch.optim.Optimizer):
 
     @torch.compiler.disable
     def _snapshot(self, plan: Plan, covered: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Copies of the covered parameters (space "update"), in buffers kept with the plan.
+        """Copies of the covered parameters (space "update"); on the CPU in buffers kept with the plan.
 
-        The buffers live as long as the plan (they would be allocated every step otherwise,
-        which on the CPU costs a page fault per 4 KiB as well as the copy)."""
+        On the CPU the buffers live as long as the plan (allocated every step, they cost a
+        page fault per 4 KiB as well as the copy). On an accelerator they are allocated every
+        step: the caching allocator makes that cheap, and the memory is free for the
+        activations between steps."""
+        if any(p.device.type != "cpu" for p in covered):
+            return [p.detach().clone(memory_format=torch.preserve_format) for p in covered]
         buffers = plan.cache.get(("structure", "snapshot"))
         if buffers is None or len(buffers) != len(covered) or any(
             b.shape != p.shape or b.dtype != p.dtype or b.device != p.device for b, p in zip(buffers, covered)

@@ -491,3 +491,25 @@ def test_an_ewc_objective_refreshed_in_place_keeps_its_fisher_without_fisher_met
     if obj.refreshes_in_place:
         assert obj.rows_version > 0
     assert obj.tracks_fisher and torch.equal(obj.fisher, fisher)  # EWC's is the task's: a refresh leaves it
+
+
+def test_a_surgery_that_raises_in_update_space_leaves_the_parameters_at_theta_before(monkeypatch):
+    """In space "update" a parameter holds u while the surgery runs; an exception must not leave u there."""
+    model = make_model(3)
+    params = list(model.parameters())
+    opt = ProtectedOptimizer(torch.optim.AdamW(params, lr=0.05), backend="torch", space="update")
+    opt.protect("old", random_samples(model, 3, seed=1), mode="project")
+    x = torch.randn(8, 5)
+    model(x).square().mean().backward()
+    before = [p.detach().clone() for p in params]
+
+    def fail(plan, tensors):
+        for t in tensors:
+            t.mul_(7.0)  # a backend interrupted half-way through its in-place work
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(opt._backend, "run", fail)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
