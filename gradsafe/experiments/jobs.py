@@ -99,10 +99,10 @@ def make_config(quick: bool = False, scenarios: Sequence[str] | None = None, see
                 methods: Sequence[str] | None = None, workers: int = 2, tune: bool = False, full: bool = False) -> StudyConfig:
     """The default report run, ``--full`` (tuning, then every condition), or ``--quick`` (a smoke run).
 
-    The default runs the default subset of methods (``DEFAULT_METHODS``, unless ``methods``
-    names others) on each scenario's tuned condition and on the safety conditions
-    identity-shift and benign-only, and plain alone on the other conditions; ``tune`` reports
-    every method on those conditions; ``full`` every method on every condition.
+    The default runs the default subset of methods (``DEFAULT_METHODS``) on each scenario's
+    tuned condition, and plain alone on the other conditions; with ``methods`` or ``tune``,
+    those methods run on the tuned condition and on the safety conditions identity-shift and
+    benign-only, plain alone on the others; ``full`` runs every method on every condition.
     """
     scenarios = tuple(SCENARIOS if scenarios is None else scenarios)
     unknown = [s for s in scenarios if s not in FACTORIES]
@@ -124,7 +124,9 @@ def make_config(quick: bool = False, scenarios: Sequence[str] | None = None, see
         if full or quick:
             conditions[name] = sc.conditions
         else:
-            main = (sc.tuned_condition,) + tuple(c for c in ("identity-shift", "benign-only") if c in sc.conditions)
+            main = (sc.tuned_condition,)
+            if not subset:
+                main += tuple(c for c in ("identity-shift", "benign-only") if c in sc.conditions)
             conditions[name] = main
             plain_only[name] = tuple(c for c in sc.conditions if c not in main)
     return StudyConfig(

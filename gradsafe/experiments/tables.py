@@ -23,10 +23,11 @@ def _num(x: float) -> str:
 
 
 def cell(stat: dict[str, Any]) -> str:
-    """``0.83 [.80,.86]``: the mean and its 95% bootstrap interval."""
+    """``.83 [.80,.86]``: the mean and its 95% bootstrap interval (no leading zeros, so that a
+    table of seven such columns fits a 120-column terminal)."""
     if stat["mean"] is None or not np.isfinite(stat["mean"]):
         return "n/a"
-    return f"{stat['mean']:.2f} [{_num(stat['lo'])},{_num(stat['hi'])}]"
+    return f"{_num(stat['mean'])} [{_num(stat['lo'])},{_num(stat['hi'])}]"
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
