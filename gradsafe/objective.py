@@ -120,7 +120,16 @@ class ProtectedObjective:
 
     @property
     def keeps_fisher(self) -> bool:
+        """Whether the objective's kind keeps a Fisher diagonal (``operators.damping.keeps_fisher``)."""
         return keeps_fisher(self.config.scope, self.config.damping, self.config.ewc)
+
+    @property
+    def tracks_fisher(self) -> bool:
+        """Whether the memory holds a Fisher now. False for a kind that keeps none, and for a
+        live reference refreshed in place while nothing reads its Fisher (no damping, no EWC,
+        the optimizer's ``fisher_metrics`` off): its refreshes then skip the Fisher's pass
+        (``refresh_in_place``)."""
+        return self._memory.fisher is not None
 
     def slices(self) -> list[slice]:
         """Each covered tensor's columns in packed samples (and in a whole Fisher)."""
@@ -261,15 +270,32 @@ class ProtectedObjective:
         """Whether ``refresh_in_place`` applies (``gradsafe.memory.merge.refreshes_in_place``)."""
         return refreshes_in_place(self._memory, self.layout, self.config)
 
-    def refresh_in_place(self, grads: Sequence[torch.Tensor | None], norms2: np.ndarray) -> None:
+    def refresh_in_place(self, grads: Sequence[torch.Tensor | None], norms2: np.ndarray, fisher_read: bool = True) -> None:
         """Refresh from one fresh gradient by writing it into the memory's rows (same record).
 
         ``grads``: per covered tensor (coverage order), None for 0; ``norms2``: their squared
         norms, which the caller computed while checking that they are finite (the plan takes
         its Gram of these rows from them). Bumps ``rows_version``, not ``version``.
+
+        ``fisher_read``: whether anything outside the objective reads its Fisher (the report's
+        ``fisher_step``). Its own step never does (an in-place refresh has no damping) and an
+        EWC Fisher is the task's, which a refresh leaves. When nothing reads it the Fisher is
+        dropped (``fisher`` is None, ``tracks_fisher`` False) and the refresh takes no pass
+        over it; once something reads it again it restarts from that refresh's gradient, as a
+        fresh memory's Fisher starts (``g^2``), and is the online average from there on.
         """
         memory = self._memory
-        keep, new = self._fisher_weights(memory.fisher, float(norms2.max(initial=0.0)))
+        if not fisher_read and memory.fisher is not None and self.config.ewc <= 0 and not memory.fisher_fixed:
+            memory = replace(memory, fisher=None)
+            self.memory = memory
+        largest_square = float(norms2.max(initial=0.0))
+        if fisher_read and memory.fisher is None and self.keeps_fisher:
+            memory = replace(memory, fisher=memory.storage.new_empty(self.numel))
+            self.memory = memory
+            self._fisher_bound = largest_square
+            keep, new = 0.0, 1.0  # F = g^2, written over the new buffer
+        else:
+            keep, new = self._fisher_weights(memory.fisher, largest_square)
         self._memory = refresh_in_place(memory, self.layout, grads, keep, new)
         span = self.row_span()
         ones = np.ones((span.stop - span.start,) * 2)  # every row read is a copy of the gradient

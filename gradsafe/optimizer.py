@@ -303,7 +303,8 @@ class ProtectedOptimizer(torch.optim.Optimizer):
 
     @torch.compiler.disable
     def _refresh(self, params: list[torch.Tensor]) -> None:
-        if refresh_due(self._registry, params, self.gradsafe_steps, self.auto_check_every):
+        if refresh_due(self._registry, params, self.gradsafe_steps, self.auto_check_every,
+                       fisher_read=self._recorder.fisher_metrics):
             self._registry.invalidate()
 
     @torch.compiler.disable
@@ -318,7 +319,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
             self.gradsafe_steps += 1
             self._recorder.emit(self.gradsafe_steps, objectives)
 
-    def _surgery(self, step_base: bool) -> tuple[Plan, StepRecord, list[torch.Tensor]] | None:
+    def _surgery(self, step_base: bool) -> tuple[Plan, StepRecord, list[torch.Tensor] | None] | None:
         """Refresh what is due, run the surgery, and (if ``step_base``) the base step.
 
         None when the step was skipped for a non-finite gradient (``nonfinite="skip"``).
@@ -363,16 +364,55 @@ class ProtectedOptimizer(torch.optim.Optimizer):
                     return self._stop_nonfinite(bad)
             if align:  # in this space rho r joins the gradient the base step reads
                 add_alignment_terms(objectives, params, active)
-            before = [p.detach().clone() for p in covered]
+            before = self._snapshot(plan, covered)
             self.base_optimizer.step()
             # the surgery acts on u = theta_before - theta_after, the "gradient-like" direction,
-            # in the parameter's own precision (float32 for lower-precision parameters)
-            work = [_work_dtype(p.dtype) for p in covered]
-            tensors = [b.to(w) - p.detach().to(w) for b, p, w in zip(before, covered, work)]
-            record = self._backend.run(plan, tensors)
-            for p, b, u, w in zip(covered, before, tensors, work):
-                p.copy_(b.to(w) - u)
+            # in the parameter's own precision (float32 for lower-precision parameters).
+            # A float32 / float64 parameter holds u itself while the surgery runs (no buffer,
+            # one pass less), unless the report reads u afterwards (fisher_step)
+            in_place = not self._recorder.fisher_metrics
+            tensors = []
+            for b, p in zip(before, covered):
+                w = _work_dtype(p.dtype)
+                if in_place and w == p.dtype:
+                    tensors.append(torch.sub(b, p.detach(), out=p.detach()))
+                else:
+                    tensors.append(b.to(w) - p.detach().to(w))
+            try:
+                record = self._backend.run(plan, tensors)
+            except BaseException:  # a parameter may hold u: give it back theta_before, not garbage
+                if in_place:
+                    for p, b in zip(covered, before):
+                        p.detach().copy_(b)
+                raise
+            for p, b, u in zip(covered, before, tensors):
+                if u.dtype == p.dtype:  # theta_before - u', written straight into the parameter
+                    torch.sub(b, u, out=p.detach())
+                else:
+                    p.copy_(b.to(u.dtype) - u)
+            if in_place:
+                tensors = None  # they are the parameters now; nothing reads them (no fisher_step)
         return plan, record, tensors
+
+    @torch.compiler.disable
+    def _snapshot(self, plan: Plan, covered: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copies of the covered parameters (space "update"); on the CPU in buffers kept with the plan.
+
+        On the CPU the buffers live as long as the plan (allocated every step, they cost a
+        page fault per 4 KiB as well as the copy). On an accelerator they are allocated every
+        step: the caching allocator makes that cheap, and the memory is free for the
+        activations between steps."""
+        if any(p.device.type != "cpu" for p in covered):
+            return [p.detach().clone(memory_format=torch.preserve_format) for p in covered]
+        buffers = plan.cache.get(("structure", "snapshot"))
+        if buffers is None or len(buffers) != len(covered) or any(
+            b.shape != p.shape or b.dtype != p.dtype or b.device != p.device for b, p in zip(buffers, covered)
+        ):
+            buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in covered]
+            plan.cache[("structure", "snapshot")] = buffers
+        for b, p in zip(buffers, covered):
+            b.copy_(p.detach())
+        return buffers
 
     @torch.compiler.disable
     def _stop_nonfinite(self, bad: list[int]) -> None:

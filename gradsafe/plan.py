@@ -164,8 +164,9 @@ class Plan:
         The blocks' views already see the new rows. The rule updates their entries of its
         tensor Grams and the matrices of their components (``HostRule.update_rows``); the
         report's constants, if built, their entries (``ReportConstants.update``). Backends'
-        entries of ``cache`` are dropped: views are cheap to rebuild, uploads of the rule's
-        matrices (the kernels' tables) are stale. ``own_grams``: per (objective name, parameter
+        entries of ``cache`` are dropped (uploads of the rule's matrices, the kernels' tables,
+        are stale), except those keyed ``("structure", ...)``: views of the same storage, which
+        the rewrite leaves valid (the torch backend's). ``own_grams``: per (objective name, parameter
         index), the Gram of a changed block's own rows on it, when the caller knows it (a refresh that
         wrote one gradient into every row it reads knows its norms). Unsharded plans only.
         """
@@ -178,7 +179,9 @@ class Plan:
                 return own_grams.get((b.name, self.param_indices[b.positions[t]]))
         self.rule.update_rows(changed, hint)
         report = self.cache.get("report")
+        kept = {k: v for k, v in self.cache.items() if isinstance(k, tuple) and k[:1] == ("structure",)}
         self.cache.clear()
+        self.cache.update(kept)
         if report is not None:
             report.update(self, changed)
             self.cache["report"] = report

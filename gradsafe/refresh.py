@@ -131,7 +131,8 @@ def is_due(refresh_every: int | str | None, step: int, last_refresh: int, last_c
 
 
 def refresh_due(
-    objectives: Iterable["ProtectedObjective"], params: list[torch.Tensor], step: int, auto_check_every: int
+    objectives: Iterable["ProtectedObjective"], params: list[torch.Tensor], step: int, auto_check_every: int,
+    fisher_read: bool = True,
 ) -> bool:
     """Recompute the memory of every closure objective that is due; True if a memory record
     was replaced (a plan over it is rebuilt).
@@ -140,7 +141,9 @@ def refresh_due(
     gradient into the rows in place (``ProtectedObjective.refresh_in_place``) and returns
     False for it: the plan sees the new ``rows_version`` and updates only its numbers that
     depend on those rows. A due objective without its closure (closures are not saved in
-    state dicts) is an error that says how to give it back.
+    state dicts) is an error that says how to give it back. ``fisher_read``: whether the
+    report reads the objectives' Fisher (``fisher_step``); an in-place refresh keeps none
+    otherwise (``ProtectedObjective.refresh_in_place``).
     """
     changed = False
     for obj in objectives:
@@ -174,7 +177,7 @@ def refresh_due(
             if not norms2.any():
                 _warn_zero(name, step)
                 continue
-            obj.refresh_in_place([sample[i] for i in obj.coverage], norms2)
+            obj.refresh_in_place([sample[i] for i in obj.coverage], norms2, fisher_read)
             continue
         sample = [s if s is not None or i not in covered else torch.zeros_like(params[i]) for i, s in enumerate(sample)]
         _, S = pack_samples([sample], params, name, coverage=obj.coverage, allow_zero=True)

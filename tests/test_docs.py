@@ -84,13 +84,22 @@ TEST_COMMAND = 'pip install -e ".[dev]" && python -m pytest -q'
 def test_readme_leads_with_what_protected_best() -> None:
     readme = (ROOT / "README.md").read_text()
     first = python_blocks(ROOT / "README.md")[0]
-    assert 'protect("safety", closure=alignment_loss, mode="conflict", refresh_every=1)' in first
+    # the study's best gradsafe operator (SafeGrad), and the README says the two losses beat it
+    assert 'protect("safety", closure=kl, mode="conflict", refresh_every=1, rho=1)' in first
+    assert "gradsafe.kl_to_reference" in first and "Try replay or the\nKL loss first." in readme
     assert "## Which configuration should I use?" in readme and "(docs/results.md)" in readme
     # every figure before the install section is one of docs/results.md's (none invented)
     head = readme[: readme.index("## Install")]
     results = (DOCS / "results.md").read_text()
     figures = set(re.findall(r"(?<![\w.])\d+\.\d+", head))
     assert figures and not [f for f in sorted(figures) if f not in results]
+
+
+def test_the_full_reports_tables_fit_a_120_column_terminal() -> None:
+    """The tables ``gradsafe demo --full`` printed (docs/results.md keeps them) fit 120 columns."""
+    report = (DOCS / "results.md").read_text().split("# The full report", 1)[1]
+    rows = [line for line in report.splitlines() if line.startswith("|")]
+    assert len(rows) > 100 and max(len(r) for r in rows) <= 120
 
 
 def test_readme_commands_and_the_cpu_note() -> None:

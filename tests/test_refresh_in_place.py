@@ -205,7 +205,7 @@ def test_one_live_reference_alone_takes_no_pass_for_its_gram(monkeypatch):
         np.testing.assert_allclose(g, h, rtol=1e-5)
 
 
-def _live_objective(references: str = "mean"):
+def _live_objective(references: str = "mean", fisher_metrics: bool = True):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
     x = torch.randn(5, 4)
@@ -217,7 +217,7 @@ def _live_objective(references: str = "mean"):
             return state["scale"] * h.pow(2).mean()
         return state["scale"] * model(x).pow(2).mean()
 
-    opt = ProtectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), backend="torch")
+    opt = ProtectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), backend="torch", fisher_metrics=fisher_metrics)
     obj = opt.protect("live", closure=loss, mode="conflict", refresh_every=1, references=references, rank=3)
     return model, opt, obj, state
 
@@ -338,7 +338,7 @@ def test_the_fisher_of_many_in_place_refreshes_is_the_online_average(decay, scal
     def loss():
         return scale * model(x).pow(2).mean()
 
-    opt = ProtectedOptimizer(torch.optim.SGD(params, lr=0.05), backend="torch")
+    opt = ProtectedOptimizer(torch.optim.SGD(params, lr=0.05), backend="torch", fisher_metrics=True)
     obj = opt.protect("live", closure=loss, mode="conflict", refresh_every=1, fisher_decay=decay)
     expected = obj.fisher.double().clone()
     for i in range(130):
@@ -388,3 +388,128 @@ def test_a_compiled_step_sees_the_rows_refreshed_in_place():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     finally:
         dynamo.reset()
+
+
+# ------------------------------------------------- a Fisher that nothing reads is not kept
+
+
+def _train(fisher_metrics: bool, space: str = "grad", switch_on_at: int | None = None, steps: int = 6):
+    """A live A-GEM objective and a GEM one next to a project objective; returns the
+    parameters, the reports and the optimizer after ``steps`` steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    xo = torch.randn(5, 4)
+    opt = ProtectedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), backend="torch", space=space,
+                             fisher_metrics=fisher_metrics)
+    opt.protect("old", random_samples(model, 2, seed=3), mode="project", rank=2)
+    opt.protect("live", closure=lambda: model(xo).pow(2).mean(), mode="conflict", refresh_every=1)
+    opt.protect("gem", closure=lambda: model(xo).sin().sum(), mode="conflict", references="samples", rank=2,
+                refresh_every=1)
+    gen = torch.Generator().manual_seed(1)
+    reports = []
+    for k in range(steps):
+        if switch_on_at is not None and k == switch_on_at:
+            opt.fisher_metrics = True
+        opt.zero_grad()
+        (-model(torch.randn(5, 4, generator=gen)).pow(2).mean()).backward()
+        opt.step()
+        reports.append({name: dict(stats) for name, stats in opt.report.items()})
+    return [p.detach().clone() for p in model.parameters()], reports, opt
+
+
+@pytest.mark.parametrize("space", ["grad", "update"])
+def test_without_fisher_metrics_a_live_objective_keeps_no_fisher_and_every_other_number_is_the_same(space):
+    params_on, reports_on, opt_on = _train(True, space)
+    params_off, reports_off, opt_off = _train(False, space)
+    for a, b in zip(params_on, params_off):
+        assert torch.equal(a, b)
+    for on, off in zip(reports_on, reports_off):
+        for name in on:
+            assert "fisher_step" in on[name] and "fisher_step" not in off[name]
+            assert {k: v for k, v in on[name].items() if k != "fisher_step"} == off[name]
+    for name in ("live", "gem"):
+        on, off = opt_on.objectives[name], opt_off.objectives[name]
+        assert on.tracks_fisher and on.fisher is not None
+        assert not off.tracks_fisher and off.fisher is None  # visible, never a stale number
+        assert torch.equal(on.memory.storage, off.memory.storage)
+    # the project objective (rebuilt, not refreshed in place) keeps its Fisher either way
+    assert opt_off.objectives["old"].tracks_fisher
+    sd = opt_off.state_dict()
+    assert sd["gradsafe"]["objectives"]["live"]["fisher"] is None
+    fresh = ProtectedOptimizer(torch.optim.AdamW(opt_off.base_optimizer.param_groups[0]["params"], lr=0.05),
+                               backend="torch", space=space)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh.load_state_dict(sd)
+    assert fresh.objectives["live"].fisher is None
+    assert torch.equal(fresh.objectives["live"].memory.storage, opt_off.objectives["live"].memory.storage)
+
+
+def test_turning_fisher_metrics_on_restarts_the_fisher_at_the_next_refresh():
+    """The Fisher restarts as a fresh memory's does (g^2 of that refresh) and is the online
+    average from there; fisher_step reads it."""
+    switch = 3
+    _, reports, opt = _train(False, switch_on_at=switch, steps=switch + 3)
+    for k, rep in enumerate(reports):
+        assert ("fisher_step" in rep["live"]) == (k >= switch)
+    # the same from a run that kept the Fisher all along, restarted by hand: compare with the
+    # live gradients of steps switch.. (registration is step 0; step k refreshes from theta_k)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    xo = torch.randn(5, 4)
+    ref = ProtectedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), backend="torch", fisher_metrics=True)
+    ref.protect("old", random_samples(model, 2, seed=3), mode="project", rank=2)
+    ref.protect("live", closure=lambda: model(xo).pow(2).mean(), mode="conflict", refresh_every=1)
+    ref.protect("gem", closure=lambda: model(xo).sin().sum(), mode="conflict", references="samples", rank=2,
+                refresh_every=1)
+    gen = torch.Generator().manual_seed(1)
+    decay = ref.objectives["live"].config.fisher_decay
+    params = list(model.parameters())
+    expected = None
+    for k in range(switch + 3):
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(model(xo).pow(2).mean(), params)])
+        if k == switch:
+            expected = g.double() ** 2
+        elif k > switch:
+            expected = decay * expected + (1 - decay) * g.double() ** 2
+        ref.zero_grad()
+        (-model(torch.randn(5, 4, generator=gen)).pow(2).mean()).backward()
+        ref.step()
+    torch.testing.assert_close(opt.objectives["live"].fisher.double(), expected, rtol=1e-5, atol=0)
+    assert opt.objectives["live"].tracks_fisher
+
+
+def test_an_ewc_objective_refreshed_in_place_keeps_its_fisher_without_fisher_metrics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    xo = torch.randn(5, 4)
+    opt = ProtectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), backend="torch")
+    obj = opt.protect("live", closure=lambda: model(xo).pow(2).mean(), mode="conflict", refresh_every=1, ewc=0.5)
+    fisher = obj.fisher.clone()
+    for _ in range(3):
+        _step(model, opt)
+    if obj.refreshes_in_place:
+        assert obj.rows_version > 0
+    assert obj.tracks_fisher and torch.equal(obj.fisher, fisher)  # EWC's is the task's: a refresh leaves it
+
+
+def test_a_surgery_that_raises_in_update_space_leaves_the_parameters_at_theta_before(monkeypatch):
+    """In space "update" a parameter holds u while the surgery runs; an exception must not leave u there."""
+    model = make_model(3)
+    params = list(model.parameters())
+    opt = ProtectedOptimizer(torch.optim.AdamW(params, lr=0.05), backend="torch", space="update")
+    opt.protect("old", random_samples(model, 3, seed=1), mode="project")
+    x = torch.randn(8, 5)
+    model(x).square().mean().backward()
+    before = [p.detach().clone() for p in params]
+
+    def fail(plan, tensors):
+        for t in tensors:
+            t.mul_(7.0)  # a backend interrupted half-way through its in-place work
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(opt._backend, "run", fail)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)

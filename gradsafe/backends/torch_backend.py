@@ -125,8 +125,11 @@ def partition_columns(costs: list[tuple[int, float]], parts: int, min_columns: i
 
 
 def _views(plan: Plan, chunks: int) -> _Views:
-    """The plan's operands cut into (at most) ``chunks`` chunks, cached on the plan."""
-    key = ("torch", chunks)
+    """The plan's operands cut into (at most) ``chunks`` chunks, cached on the plan.
+
+    Views of the plan's rows and offsets only: an in-place rewrite of the rows keeps them
+    (``Plan.update_rows`` keeps ``("structure", ...)`` entries)."""
+    key = ("structure", "torch", chunks)
     cached = plan.cache.get(key)
     if cached is not None:
         return cached

@@ -6,8 +6,10 @@ digits; ``safety``: a tiny transformer, a label-flip toy with identity-shift and
 conditions), 17 methods (``methods.METHODS``: plain, replay, LwF, KL, EWC, online EWC,
 L2-SP, Fisher damping, OGD, GPM, SGP, A-GEM, GEM, SafeGrad, two combinations, joint).
 
-- default: the report stage on the report seeds, with the hyperparameters stored in
-  ``tuned.json`` (methods without a stored selection run untuned, and the report says so);
+- default: the report stage on the report seeds for the default subset of methods
+  (``methods.DEFAULT_METHODS``: plain, replay, KL loss, EWC, A-GEM, SafeGrad, joint; ``--methods``
+  picks others), with the hyperparameters stored in ``tuned.json`` (methods without a stored
+  selection run untuned, and the report says so); every run is the same job as in ``--full``;
 - ``--tune``: rerun the tuning on the development seeds first (its selection is written to
   ``--out``/tuned.json); ``--full``: ``--tune`` and every method on every condition;
 - ``--quick``: a smoke run (one seed, five methods, small sizes) whose numbers mean nothing.
@@ -25,7 +27,7 @@ import time
 
 from .._optional import UserError, require_installed
 from .jobs import FACTORIES, SCENARIOS, make_config
-from .methods import METHODS
+from .methods import DEFAULT_METHODS, METHODS
 
 __all__ = ["add_arguments", "run", "parse_seeds", "positive_int", "check_dependencies", "check_output_dir"]
 
@@ -94,7 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", default="results",
                         help="folder for results.md, results.json and the PNGs (default: results)")
     parser.add_argument("--methods", default=None, metavar="LIST",
-                        help=f"comma-separated subset of {','.join(METHODS)} (plain is always run)")
+                        help=f"comma-separated subset of {','.join(METHODS)} (plain is always run; "
+                             f"default: {','.join(DEFAULT_METHODS)}, with --tune/--full: all)")
     parser.add_argument("--workers", type=positive_int, default=min(2, os.cpu_count() or 1),
                         help="worker processes, one torch thread each (default: 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

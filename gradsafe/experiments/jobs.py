@@ -24,7 +24,7 @@ import torch
 
 from .._optional import require
 from . import continual, lm_safety, safety
-from .methods import METHODS, method_names
+from .methods import DEFAULT_METHODS, METHODS, method_names
 from .scenario import Scenario, Setting
 
 __all__ = ["SCENARIOS", "FACTORIES", "DEV_SEEDS", "REPORT_SEEDS", "StudyConfig", "Job", "make_scenario", "make_config", "grid",
@@ -93,15 +93,17 @@ class StudyConfig:
     plain_conditions: dict[str, tuple[str, ...]] = field(default_factory=dict)  # further conditions: plain only
     stored: dict[str, Any] = field(default_factory=dict)  # the stored selection (tuned.json)
     workers: int = 2
+    subset: bool = False  # the default demo's subset of the report (``DEFAULT_METHODS``), said in the report
 
 
 def make_config(quick: bool = False, scenarios: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                 methods: Sequence[str] | None = None, workers: int = 2, tune: bool = False, full: bool = False) -> StudyConfig:
     """The default report run, ``--full`` (tuning, then every condition), or ``--quick`` (a smoke run).
 
-    The default runs every method on each scenario's tuned condition and on the safety
-    conditions identity-shift and benign-only, and plain alone on the other conditions;
-    ``full`` runs every method on every condition.
+    The default runs the default subset of methods (``DEFAULT_METHODS``) on each scenario's
+    tuned condition, and plain alone on the other conditions; with ``methods`` or ``tune``,
+    those methods run on the tuned condition and on the safety conditions identity-shift and
+    benign-only, plain alone on the others; ``full`` runs every method on every condition.
     """
     scenarios = tuple(SCENARIOS if scenarios is None else scenarios)
     unknown = [s for s in scenarios if s not in FACTORIES]
@@ -113,6 +115,9 @@ def make_config(quick: bool = False, scenarios: Sequence[str] | None = None, see
     overlap = set(report) & set(DEV_SEEDS)
     if overlap:
         raise ValueError(f"report seeds {sorted(overlap)} are development seeds; pick others")
+    subset = methods is None and not (quick or tune or full)
+    if subset:
+        methods = DEFAULT_METHODS
     conditions: dict[str, tuple[str, ...]] = {}
     plain_only: dict[str, tuple[str, ...]] = {}
     for name in scenarios:
@@ -120,7 +125,9 @@ def make_config(quick: bool = False, scenarios: Sequence[str] | None = None, see
         if full or quick:
             conditions[name] = sc.conditions
         else:
-            main = (sc.tuned_condition,) + tuple(c for c in ("identity-shift", "benign-only") if c in sc.conditions)
+            main = (sc.tuned_condition,)
+            if not subset:
+                main += tuple(c for c in ("identity-shift", "benign-only") if c in sc.conditions)
             conditions[name] = main
             plain_only[name] = tuple(c for c in sc.conditions if c not in main)
     return StudyConfig(
@@ -134,6 +141,7 @@ def make_config(quick: bool = False, scenarios: Sequence[str] | None = None, see
         plain_conditions=plain_only,
         stored={"selection": {}} if quick else load_selection(),  # the selection is the full protocol's
         workers=max(1, int(workers)),
+        subset=subset,
     )
 
 

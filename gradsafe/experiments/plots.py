@@ -1,7 +1,7 @@
 """The study's plots (matplotlib, in the ``[demo]`` extra): Pareto fronts and protected-metric curves.
 
 One colour per method family (``FAMILY_COLORS``), the same in every figure; methods of a
-family differ by marker. Each figure is saved as a small PNG.
+family differ by marker (Pareto) and line style (curves). Each figure is saved as a small PNG.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ __all__ = ["FAMILY_COLORS", "plot_pareto", "plot_curves", "save"]
 FAMILY_COLORS = dict(zip(FAMILIES, ("#000000", "#1f77b4", "#17becf", "#2ca02c", "#bcbd22", "#ff7f0e", "#d62728",
                                     "#9467bd", "#7f7f7f")))
 MARKERS = "osD^vP*X"
+LINESTYLES = ("-", "--", ":", "-.")
 
 
 def _pyplot() -> Any:
@@ -34,7 +35,8 @@ def _pyplot() -> Any:
 def _style(name: str) -> dict[str, Any]:
     fam = METHODS[name].family
     index = [m for m in METHODS if METHODS[m].family == fam].index(name)
-    return {"color": FAMILY_COLORS[fam], "marker": MARKERS[index % len(MARKERS)]}
+    return {"color": FAMILY_COLORS[fam], "marker": MARKERS[index % len(MARKERS)],
+            "ls": LINESTYLES[index % len(LINESTYLES)]}
 
 
 def plot_pareto(path: str, name: str, block: dict[str, Any]) -> None:
@@ -72,11 +74,10 @@ def plot_curves(path: str, name: str, block: dict[str, Any], condition: str) -> 
         prot = np.mean([np.concatenate([st["curve"]["protected"] for st in r["stages"]]) for r in runs], 0)
         new = np.mean([np.concatenate([st["curve"]["new"] for st in r["stages"]]) for r in runs], 0)
         st = _style(m)
-        ls = "--" if m == "plain" else "-"
-        axes[0].plot(steps, prot, color=st["color"], ls=ls, lw=1.0, label=METHODS[m].label)
-        axes[1].plot(steps, new, color=st["color"], ls=ls, lw=1.0)
-    axes[0].set_ylabel("protected metric (stage's earlier tasks / held-out refusal)", fontsize=8)
-    axes[1].set_ylabel("new-task metric (current task)", fontsize=8)
+        axes[0].plot(steps, prot, color=st["color"], ls=st["ls"], lw=1.2, label=METHODS[m].label)
+        axes[1].plot(steps, new, color=st["color"], ls=st["ls"], lw=1.2)
+    axes[0].set_ylabel(f"protected: {block['protected'].replace('_', ' ')} (the stage's)", fontsize=8)
+    axes[1].set_ylabel(f"new task: {block['new'].replace('_', ' ')}", fontsize=8)
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -90,7 +91,7 @@ def save(fig: Any, path: str) -> None:
     """Save as a small PNG (an adaptive palette of 128 colours) and close the figure."""
     plt = _pyplot()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     try:
         from PIL import Image

@@ -161,6 +161,7 @@ def aggregate(cfg: StudyConfig, results: dict[Job, dict[str, Any]], settings: di
         "meta": {
             "quick": cfg.quick,
             "tuned_here": cfg.tune,
+            "subset": cfg.subset,
             "report_seeds": list(cfg.report_seeds),
             "dev_seeds": list(cfg.dev_seeds),
             "scenarios": list(cfg.scenarios),

@@ -23,10 +23,11 @@ def _num(x: float) -> str:
 
 
 def cell(stat: dict[str, Any]) -> str:
-    """``0.83 [.80,.86]``: the mean and its 95% bootstrap interval."""
+    """``.83 [.80,.86]``: the mean and its 95% bootstrap interval (no leading zeros, so that a
+    table of seven such columns fits a 120-column terminal)."""
     if stat["mean"] is None or not np.isfinite(stat["mean"]):
         return "n/a"
-    return f"{stat['mean']:.2f} [{_num(stat['lo'])},{_num(stat['hi'])}]"
+    return f"{_num(stat['mean'])} [{_num(stat['lo'])},{_num(stat['hi'])}]"
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -121,7 +122,10 @@ def format_report(agg: dict[str, Any], predictions: dict[str, Any]) -> str:
     seeds = meta["report_seeds"]
     lines = [f"Report seeds {seeds}: mean [95% bootstrap interval] over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}; "
              "ex-grads: example-gradients per run; s: training-loop seconds per run."
-             + (" Quick run: a smoke test, its numbers mean nothing." if meta["quick"] else ""), ""]
+             + (" Quick run: a smoke test, its numbers mean nothing." if meta["quick"] else "")
+             + (f" The default demo's subset of the report: {len(meta['methods'])} of the {len(METHODS)} methods "
+                "(`gradsafe demo --full` runs them all; each run here is the same job as there)."
+                if meta.get("subset") else ""), ""]
     for name in meta["scenarios"]:
         lines += _scenario_section(name, agg[name], meta)
     if "safety" in agg and agg["safety"].get("aligned"):

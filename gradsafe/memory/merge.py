@@ -14,6 +14,7 @@ memory keeps its shape, writes the fresh gradient into the record's rows (and Fi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -182,6 +183,13 @@ def refreshes_in_place(memory: Memory, layout: ObjectiveLayout, config: "Objecti
     return memory.storage.shape[0] == 1 + kept and memory.has_samples == (config.references == "samples")
 
 
+@functools.lru_cache(maxsize=256)
+def _in_place_columns(layout: ObjectiveLayout) -> tuple[tuple[int, slice, slice], ...]:
+    """Per flat tensor: its position in the coverage, its columns in the row storage and in
+    the Fisher (unsharded), computed once per layout."""
+    return tuple(zip(layout.flat_index, layout.columns(None).flat_slices(), layout.slices()))
+
+
 def refresh_in_place(
     memory: Memory,
     layout: ObjectiveLayout,
@@ -200,14 +208,15 @@ def refresh_in_place(
     """
     storage = memory.storage
     mean = storage[0]
-    for t, (sl, fsl) in enumerate(zip(layout.columns(None).flat_slices(), layout.slices())):
-        g = grads[layout.flat_index[t]]
+    fold = memory.fisher is not None and not (fisher_keep == 1.0 and fisher_new == 0.0)
+    for t, sl, fsl in _in_place_columns(layout):
+        g = grads[t]
         row = mean[sl]
         if g is None:
             row.zero_()
         else:
             row.copy_(g.detach().reshape(-1))
-        if memory.fisher is not None and not (fisher_keep == 1.0 and fisher_new == 0.0):  # while in cache
+        if fold:  # while in cache
             fisher = memory.fisher[fsl]
             if fisher_keep == 0.0:
                 torch.mul(row, row, out=fisher)

@@ -292,7 +292,10 @@ def _energies_shape(per_tensor: bool, T: int, k: int) -> tuple[int, ...]:
 
 
 def _needs_fisher(config: "ObjectiveConfig | None") -> bool:
-    return config is not None and (config.scope != "factored" or config.damping > 0 or config.ewc > 0)
+    """Whether a saved memory must hold a Fisher: where a step reads it (damping, EWC). A flat
+    objective keeps one for the report's ``fisher_step``; one refreshed in place while the
+    report read none has none (``ProtectedObjective.tracks_fisher``)."""
+    return config is not None and (config.damping > 0 or config.ewc > 0)
 
 
 def _check_whole(state: Mapping[str, Any], layout: ObjectiveLayout, name: str, per_tensor: bool,

@@ -126,7 +126,7 @@ def test_split_step_matches_one_thread_and_reference(small_parts, seed, threads)
         reports[n] = opt.report
         plan = opt._current_plan(all_params(opt))
         if n > 1:  # the step really was split, inside tensors too
-            views = plan.cache[("torch", n * torch_backend.CHUNKS_PER_THREAD)]
+            views = plan.cache[("structure", "torch", n * torch_backend.CHUNKS_PER_THREAD)]
             assert len(views.chunks) == n * torch_backend.CHUNKS_PER_THREAD
             assert any(lo > 0 for p in views.chunks for _, lo, *_ in p.coef)
     params = all_params(opt)
@@ -169,7 +169,7 @@ def test_small_plans_stay_on_one_thread():
     opt.protect("g", rand_samples(opt, 3, gen), mode="project")
     step_capture(opt, rand_grads(opt, gen))
     plan = opt._current_plan(all_params(opt))
-    assert [k for k in plan.cache if isinstance(k, tuple) and k[0] == "torch"] == [("torch", 1)]
+    assert [k for k in plan.cache if isinstance(k, tuple) and k[1:2] == ("torch",)] == [("structure", "torch", 1)]
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])

@@ -12,7 +12,7 @@ pytest.importorskip("matplotlib")
 
 from gradsafe import cli  # noqa: E402
 from gradsafe.experiments import demo, jobs, study  # noqa: E402
-from gradsafe.experiments.methods import METHODS, QUICK_METHODS  # noqa: E402
+from gradsafe.experiments.methods import DEFAULT_METHODS, METHODS, QUICK_METHODS  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the quick run, through the CLI
@@ -116,10 +116,21 @@ def test_parse_seeds_and_config():
     assert full.conditions["safety"] == jobs.make_scenario("safety").conditions
     default = jobs.make_config()
     assert not default.tune and "harmful-0.05" in default.plain_conditions["safety"]
+    assert default.subset and default.methods == DEFAULT_METHODS and not full.subset
+    assert not jobs.make_config(methods=["ewc"]).subset and not jobs.make_config(tune=True).subset
     with pytest.raises(ValueError):
         jobs.make_config(scenarios=["vision"])
     with pytest.raises(ValueError, match="development seeds"):
         jobs.make_config(seeds=[0, 100])
+
+
+def test_the_default_demo_is_a_subset_of_the_full_report():
+    """Every run of the default demo is the same job, at the same setting, as one of ``--full``'s."""
+    default, full = jobs.make_config(), jobs.make_config(full=True)
+    selection = {name: {m: jobs.default_setting(jobs.make_scenario(name), m) for m in METHODS} for name in full.scenarios}
+    ours, theirs = jobs.report_jobs(default, selection), set(jobs.report_jobs(full, selection))
+    assert ours and set(ours) <= theirs and len(ours) < len(theirs)
+    assert {j.method for j in ours} == set(DEFAULT_METHODS)
 
 
 def test_cli_rejects_unknown_methods(capsys):
