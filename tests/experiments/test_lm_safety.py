@@ -76,8 +76,8 @@ def test_a_short_alignment_teaches_refusal_of_held_out_requests():
     categories, and the benign answers' loss falls; the full alignment's figures are benchmarks/lm_align.py's."""
     from dataclasses import replace
 
-    cfg = replace(S.FULL, align_steps=ALIGN_TEST_STEPS, align_batch=16, align_harmful=300, align_benign=600,
-                  eval_n=24, curve_n=8)
+    cfg = replace(S.FULL, align_steps=ALIGN_TEST_STEPS, align_batch=16, align_lr=2e-3, align_harmful=300,
+                  align_benign=600, eval_n=24, curve_n=8)
     sets = S._eval_sets(cfg.eval_n)
     base_model = S._model()
     base = S.evaluate(base_model, cfg)
