@@ -3,7 +3,8 @@
     python benchmarks/lm_align.py --seeds 0 1 --steps 400 --lr 2e-3 --benign 3000
 
 Prints, per seed, the wall time of the alignment (one torch thread) and the aligned model's
-harmful score, helpfulness (overall and per task), over-refusal, on the scenario's evaluation sets.
+harmful score, helpfulness, over-refusal on the scenario's evaluation sets, and helpfulness per task
+on a further draw of evaluation-split benign prompts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from gradsafe.experiments import charlm, lm_safety as S, requests as R
 
 
 def per_task_helpfulness(model: charlm.CharGPT, cfg: S.LMSafetyConfig) -> dict[str, float]:
-    """Exact-match helpfulness on the evaluation set's benign prompts, by task."""
+    """Exact-match helpfulness by task on ``eval_n`` benign prompts of the evaluation split (evaluation frames and
+    words), drawn apart from the scenario's own evaluation set."""
     import random
 
     ex = R.benign(cfg.eval_n, random.Random(S.EVAL_SEED + 1), "eval")
