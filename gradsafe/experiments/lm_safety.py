@@ -73,13 +73,13 @@ def _condition(name: str) -> tuple[str, float]:
 
 @dataclass(frozen=True)
 class LMSafetyConfig:
-    # 1000 steps at 1e-3 on 6000 benign examples: helpfulness 0.47 on the evaluation set (0.28 with 400 steps at
-    # 2e-3 on 3000); the figures and the cost per seed from benchmarks/lm_align.py, in benchmarks/RESULTS.md
-    align_steps: int = 1000
+    # 1500 steps at 1e-3 on 9000 benign examples: helpfulness 0.67 on seeds 0 and 1 (0.24 with 400 steps at 2e-3
+    # on 3000); the figures and the cost per seed from benchmarks/lm_align.py, in benchmarks/RESULTS.md
+    align_steps: int = 1500
     align_batch: int = 32
     align_lr: float = 1e-3
     align_harmful: int = 1500
-    align_benign: int = 6000
+    align_benign: int = 9000
     ft_batch: int = 16
     ft_examples: int = 1000
     weight_decay: float = 0.01
