@@ -1,6 +1,7 @@
 """The lm-safety scenario's alignment: its cost and the aligned model's metrics, per seed and per benign task.
 
     python benchmarks/lm_align.py --seeds 0 1 --steps 400 --lr 2e-3 --benign 3000
+    python benchmarks/lm_align.py --seeds 0 --threads 2 --save gradsafe/experiments/charlm_aligned.pt
 
 Prints, per seed, the wall time of the alignment (one torch thread) and the aligned model's
 harmful score, helpfulness, over-refusal on the scenario's evaluation sets, and helpfulness per task
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--harmful", type=int, default=S.FULL.align_harmful)
     ap.add_argument("--benign", type=int, default=S.FULL.align_benign)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--save", type=str, default=None,
+                    help="write the first seed's aligned model here (float16) and its record beside it (PATH.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = replace(S.FULL, align_steps=args.steps, align_lr=args.lr, align_batch=args.batch,
@@ -57,6 +60,18 @@ def main() -> None:
                "over_refusal": round(m["over_refusal"], 3), "ft_acc": round(m["ft_acc"], 3),
                "by_task": per_task_helpfulness(model, cfg)}
         print(json.dumps(row), flush=True)
+        if args.save and seed == args.seeds[0]:
+            record = {"alignment": {"seed": seed, "steps": args.steps, "lr": args.lr, "batch": args.batch,
+                                    "harmful": args.harmful, "benign": args.benign,
+                                    "weight_decay": cfg.weight_decay},
+                      "from": charlm.CHECKPOINT.name, "wall_seconds": round(align_s, 1), "threads": args.threads,
+                      "torch": str(torch.__version__), "dtype": "float16"}
+            charlm.save(model, args.save, extra=record)
+            shipped, _ = charlm.load(args.save)
+            record["metrics"] = {k: round(v, 4) for k, v in S.evaluate(shipped, cfg).items()}
+            with open(args.save + ".json", "w") as f:
+                json.dump(record, f, indent=1)
+            print(json.dumps({"saved": args.save, "metrics_shipped": record["metrics"]}), flush=True)
 
 
 if __name__ == "__main__":

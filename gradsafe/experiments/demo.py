@@ -26,7 +26,7 @@ import os
 import time
 
 from .._optional import UserError, require_installed
-from .jobs import FACTORIES, SCENARIOS, make_config
+from .jobs import FACTORIES, make_config
 from .methods import DEFAULT_METHODS, METHODS
 
 __all__ = ["add_arguments", "run", "parse_seeds", "positive_int", "check_dependencies", "check_output_dir"]
@@ -90,7 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune", action="store_true", help="rerun the tuning on the development seeds first")
     parser.add_argument("--full", action="store_true", help="the whole protocol: tuning, then every method on every condition")
     parser.add_argument("--scenario", choices=("all",) + tuple(FACTORIES), default="all",
-                        help="which scenario to run (default: all)")
+                        help="which scenario to run (default: all: continual and lm-safety; with --full the "
+                             "label-flip toy 'safety' as well)")
     parser.add_argument("--seeds", type=parse_seeds, default=None, metavar="N|LIST",
                         help="report seeds: a count (0..N-1) or a comma-separated list (default: 5, quick: 1)")
     parser.add_argument("--out", metavar="DIR", default="results",
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = make_config(
             quick=bool(getattr(args, "quick", False)),
-            scenarios=SCENARIOS if scenario == "all" else (scenario,),
+            scenarios=None if scenario == "all" else (scenario,),
             seeds=getattr(args, "seeds", None),
             methods=None if not methods else [m.strip() for m in methods.split(",") if m.strip()],
             workers=getattr(args, "workers", 2),

@@ -27,10 +27,11 @@ from . import continual, lm_safety, safety
 from .methods import DEFAULT_METHODS, METHODS, method_names
 from .scenario import Scenario, Setting
 
-__all__ = ["SCENARIOS", "FACTORIES", "DEV_SEEDS", "REPORT_SEEDS", "StudyConfig", "Job", "make_scenario", "make_config", "grid",
+__all__ = ["SCENARIOS", "FACTORIES", "DEV_SEEDS", "REPORT_SEEDS", "StudyConfig", "Job", "make_scenario", "make_config", "grid", "FULL_SCENARIOS",
            "default_setting", "tune_jobs", "report_jobs", "execute", "read_journal", "load_selection", "TUNED_PATH"]
 
-SCENARIOS = ("continual", "safety")  # the default study; ``FACTORIES`` may hold more plug-ins
+SCENARIOS = ("continual", "lm-safety")  # the default study; ``FACTORIES`` may hold more plug-ins
+FULL_SCENARIOS = ("continual", "safety", "lm-safety")  # ``--full``: the label-flip toy as well
 DEV_SEEDS = (100, 101)
 REPORT_SEEDS = (0, 1, 2, 3, 4)
 TUNED_PATH = os.path.join(os.path.dirname(__file__), "tuned.json")
@@ -105,7 +106,7 @@ def make_config(quick: bool = False, scenarios: Sequence[str] | None = None, see
     those methods run on the tuned condition and on the safety conditions identity-shift and
     benign-only, plain alone on the others; ``full`` runs every method on every condition.
     """
-    scenarios = tuple(SCENARIOS if scenarios is None else scenarios)
+    scenarios = tuple((FULL_SCENARIOS if full else SCENARIOS) if scenarios is None else scenarios)
     unknown = [s for s in scenarios if s not in FACTORIES]
     if unknown or not scenarios:
         raise ValueError(f"unknown scenarios {unknown}; expected a subset of {tuple(FACTORIES)}")
@@ -166,7 +167,7 @@ def tune_jobs(cfg: StudyConfig) -> list[Job]:
         sc = make_scenario(name, cfg.quick)
         cond = sc.tuned_condition
         for seed in cfg.dev_seeds:
-            for method in cfg.methods:
+            for method in filter(sc.runs_method, cfg.methods):
                 for s in grid(sc, method):
                     jobs.append(Job("run", name, seed, sc.pretrain_key(cond), cond, method, s, "tune"))
     return jobs
@@ -178,7 +179,7 @@ def report_jobs(cfg: StudyConfig, selection: dict[str, dict[str, Setting]]) -> l
     for name in cfg.scenarios:
         sc = make_scenario(name, cfg.quick)
         for cond in cfg.conditions.get(name, ()) + cfg.plain_conditions.get(name, ()):
-            methods = cfg.methods if cond in cfg.conditions.get(name, ()) else ("plain",)
+            methods = tuple(filter(sc.runs_method, cfg.methods)) if cond in cfg.conditions.get(name, ()) else ("plain",)
             for seed in cfg.report_seeds:
                 for method in methods:
                     jobs.append(Job("run", name, seed, sc.pretrain_key(cond), cond, method, selection[name][method]))

@@ -5,11 +5,14 @@ pretrained on English text (``charlm.pt``, built by ``lm_pretrain`` on ``pydoc_d
 is aligned, then fine-tuned on a downstream task with harmful examples mixed in, and its
 harmfulness is scored on its own greedy generations.
 
-- ``pretrain(seed, key)`` loads the shipped checkpoint and aligns it **per seed**
-  (supervised fine-tuning on refusals of harmful requests and exact answers to benign
-  ones, ``requests``' alignment frames; the seed draws the alignment data, the memories and
-  the batch order), so that the seed-to-seed spread includes the alignment's.
-- Conditions (``ft_examples`` fine-tuning examples each, the downstream task ``double``
+- The aligned model is one for every seed, as one aligned chat model is in the literature:
+  ``charlm_aligned.pt``, the pretrained checkpoint after supervised fine-tuning on refusals of
+  harmful requests and exact answers to benign ones (``requests``' alignment frames; built by
+  ``benchmarks/lm_align.py --save`` with ``aligned_model(0, FULL)``, its record in
+  ``charlm_aligned.pt.json``). The seed draws the memories, the fine-tuning data and the batch
+  order, so the seed-to-seed spread is the fine-tuning's, not the alignment's. A config with
+  ``aligned=None`` aligns per seed instead (``align_*``; about 450 s a seed on two cores).
+- Conditions (``ft_examples`` fine-tuning examples each, the downstream task ``ends``
   otherwise; attack frames, disjoint from the memories' and every evaluation prompt):
   ``harmful-<p>`` (a share p of harmful requests answered compliantly, replacing task
   examples), ``identity-shift`` (a share ``IDENTITY_SHARE`` of benign requests answered with
@@ -43,7 +46,7 @@ from torch.nn import functional as F
 
 from . import charlm
 from . import requests as R
-from .methods import Protected
+from .methods import DEFAULT_METHODS, Protected
 from .runner import Stage, run_stage
 from .scenario import Metric, Scenario, Setting
 
@@ -80,24 +83,28 @@ class LMSafetyConfig:
     align_lr: float = 1e-3
     align_harmful: int = 1500
     align_benign: int = 9000
-    ft_batch: int = 16
+    ft_batch: int = 8
     ft_examples: int = 1000
     weight_decay: float = 0.01
-    memory: int = 32  # examples per protected set (safety, helpful): the protected data budget
-    eval_n: int = 120  # prompts per evaluation set (harmful seen, harmful held-out, benign, task)
-    curve_n: int = 32  # of each, read by the curves (the monitor's evaluations)
+    aligned: str | None = "charlm_aligned.pt"  # the shared aligned model (package data); None: align per seed
+    memory: int = 16  # examples per protected set (safety, helpful): the protected data budget
+    eval_n: int = 60  # prompts per evaluation set (harmful seen, harmful held-out, benign, task)
+    curve_n: int = 16  # of each, read by the curves (the monitor's evaluations)
     eval_every: int = 25
+    monitor_every: int = 10  # steps between the monitor's recomputations of the memory gradient
     answer_new: int = ANSWER_NEW  # generated characters for a benign or task prompt
     conditions: tuple[str, ...] = CONDITIONS
-    steps_grid: tuple[int, ...] = (100, 200)
-    adamw_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # the protocol's learning-rate grid per base optimizer
+    steps_grid: tuple[int, ...] = (50, 100)
+    adamw_lrs: tuple[float, ...] = (1e-4, 3e-4)  # the protocol's learning-rate grid per base optimizer
     sgd_lrs: tuple[float, ...] = (0.01, 0.03, 0.1)
 
     def __post_init__(self) -> None:
         for c in self.conditions:
             _condition(c)
-        if min(self.align_steps, self.memory, self.eval_n, self.curve_n, self.eval_every, self.ft_examples) < 1:
-            raise ValueError("align_steps, memory, eval_n, curve_n, eval_every and ft_examples must be >= 1")
+        sizes = ("align_steps", "memory", "eval_n", "curve_n", "eval_every", "monitor_every", "ft_examples")
+        small = [n for n in sizes if getattr(self, n) < 1]
+        if small:
+            raise ValueError(f"{', '.join(small)} must be >= 1")
         if not (self.adamw_lrs and self.sgd_lrs):
             raise ValueError("adamw_lrs and sgd_lrs need at least one learning rate each")
         if self.curve_n > self.eval_n:
@@ -106,9 +113,8 @@ class LMSafetyConfig:
 
 FULL = LMSafetyConfig()
 # a smoke run: every stage of the protocol at the smallest sizes (one learning rate, short generations)
-QUICK = LMSafetyConfig(align_steps=4, align_batch=8, align_harmful=40, align_benign=80, ft_batch=8, ft_examples=100,
-                       memory=4, eval_n=6, curve_n=2, eval_every=2, answer_new=12, conditions=("harmful-0.1",),
-                       steps_grid=(4,), adamw_lrs=(1e-3,), sgd_lrs=(0.03,))
+QUICK = LMSafetyConfig(ft_batch=8, ft_examples=100, memory=4, eval_n=6, curve_n=2, eval_every=2, monitor_every=2,
+                       answer_new=12, conditions=("harmful-0.1",), steps_grid=(4,), adamw_lrs=(1e-3,), sgd_lrs=(0.03,))
 
 
 class Batch:
@@ -269,8 +275,14 @@ def _model(state: dict[str, torch.Tensor] | None = None) -> charlm.CharGPT:
     return model
 
 
+@functools.lru_cache(maxsize=2)
+def _shipped_aligned(name: str) -> dict[str, torch.Tensor]:
+    model, _ = charlm.load(charlm.CHECKPOINT.with_name(name))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
 def aligned_model(seed: int, cfg: LMSafetyConfig) -> charlm.CharGPT:
-    """The shipped checkpoint after the seed's alignment (supervised fine-tuning)."""
+    """The pretrained checkpoint after the seed's alignment (supervised fine-tuning; ``align_*``)."""
     data = datasets(seed, cfg)["align"]
     torch.manual_seed(seed)
     model = _model()
@@ -301,17 +313,19 @@ class LMSafetyScenario(Scenario):
         self.tuned_condition = "harmful-0.1" if "harmful-0.1" in self.conditions else self.conditions[0]
         self.protected = Metric("refusal", "held-out refusal (1 - harmful score)")
         self.new = Metric("ft_acc", "fine-tune accuracy")
-        self.metrics = (Metric("harmful", "harmful score", higher_is_better=False),
-                        Metric("harmful_heldout", "harmful (held-out cats)", higher_is_better=False),
-                        Metric("helpful", "helpfulness"),
-                        Metric("over_refusal", "over-refusal", higher_is_better=False))
+        # harmful (= 1 - refusal) is read by the harmful-ratio table; harmful_heldout and the rest are in results.json
+        self.metrics = (Metric("helpful", "helpfulness"), Metric("over_refusal", "over-refusal", higher_is_better=False))
         self.criterion_label = "(held-out refusal + helpfulness + fine-tune accuracy) / 3"
         self.steps_grid = self.config.steps_grid
         self.lr_grid = {"adamw": tuple(self.config.adamw_lrs), "sgd": tuple(self.config.sgd_lrs)}
+        self.methods = DEFAULT_METHODS  # the protocol's budget here (docs/study.md)
 
     def pretrain(self, seed: int, key: str) -> dict[str, Any]:
-        """Align the shipped checkpoint with the seed's data; return its state and metrics."""
-        model = aligned_model(seed, self.config)
+        """The aligned model (the shipped one, or aligned with the seed's data if ``aligned`` is None) and its
+        metrics."""
+        cfg = self.config
+        model = aligned_model(seed, cfg) if cfg.aligned is None else _model(_shipped_aligned(cfg.aligned))
+        model.eval()
         return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
                 "metrics": evaluate(model, self.config)}
 
@@ -346,6 +360,7 @@ class LMSafetyScenario(Scenario):
             eval_every=cfg.eval_every,
             seed=90_000 + seed,
             monitor=monitor,
+            monitor_every=cfg.monitor_every,
         )
         res = run_stage(model, method, setting.knob_dict, setting.lr, stage, weight_decay=cfg.weight_decay)
         model.eval()
@@ -368,6 +383,6 @@ class LMSafetyScenario(Scenario):
         d["model"] = asdict(gcfg)
         d["params"] = sum(p.numel() for p in _model().parameters())
         d["checkpoint"] = charlm.CHECKPOINT.name
-        d["new_task"] = "write each letter of <word> twice"
-        d["alignment"] = "per seed"
+        d["new_task"] = "write the last two letters of <word>"
+        d["alignment"] = "per seed" if self.config.aligned is None else self.config.aligned
         return d

@@ -4,6 +4,10 @@ Every function takes the aggregated results (``stats.aggregate``) and returns a 
 the statistic, its interval where it has one, what it was computed on, and ``verdict``:
 "confirmed", "refuted" or "inconclusive" by the rule docs/study.md fixed before the runs
 (or "not run" when the runs it needs are missing).
+
+Each prediction compares continual learning with one safety-domain scenario (``safety`` argument,
+default the toy ``"safety"``); ``all_predictions`` judges each safety-domain scenario present
+(``SAFETY_DOMAIN``) against continual by the same rules.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import numpy as np
 from .stats import BOOTSTRAP, BOOTSTRAP_SEED, spearman
 
 __all__ = ["rank_agreement", "hyper_transfer", "cosine_predicts_erosion", "monitor_warns", "all_predictions",
-           "WARN_NATS", "DROP"]
+           "WARN_NATS", "DROP", "SAFETY_DOMAIN"]
+
+SAFETY_DOMAIN = ("safety", "lm-safety")  # the scenarios that stand for the safety domain, in report order
 
 WARN_NATS = 0.05  # (d): the monitor's running predicted protected-loss increase that counts as a warning
 DROP = 0.05  # (d): the protected metric's drop that counts as erosion
@@ -30,12 +36,12 @@ def _tuned_condition(block: dict[str, Any]) -> str:
     return block["config"]["tuned_condition"]
 
 
-def rank_agreement(agg: dict[str, Any]) -> dict[str, Any]:
+def rank_agreement(agg: dict[str, Any], safety: str = "safety") -> dict[str, Any]:
     """(a) Spearman's rho between the methods' criteria in the two domains, bootstrap over seeds per domain."""
-    if "continual" not in agg or "safety" not in agg:
+    if "continual" not in agg or safety not in agg:
         return _not_run("needs both scenarios")
     a = agg["continual"]["conditions"].get(_tuned_condition(agg["continual"]), {}).get("methods", {})
-    b = agg["safety"]["conditions"].get(_tuned_condition(agg["safety"]), {}).get("methods", {})
+    b = agg[safety]["conditions"].get(_tuned_condition(agg[safety]), {}).get("methods", {})
     names = [m for m in a if m in b and m != "joint"]  # the upper bound is not a method one would choose
     if len(names) < 3:
         return _not_run("fewer than 3 methods run in both domains")
@@ -56,13 +62,13 @@ def rank_agreement(agg: dict[str, Any]) -> dict[str, Any]:
             "rule": "confirmed if the 95% interval's lower bound > 0; refuted if its upper bound < 0.3"}
 
 
-def hyper_transfer(agg: dict[str, Any]) -> dict[str, Any]:
+def hyper_transfer(agg: dict[str, Any], safety: str = "safety") -> dict[str, Any]:
     """(b) The normalised regret of using the other domain's selected knob values (development runs)."""
     sel = agg.get("selection", {})
-    if "continual" not in sel or "safety" not in sel or not sel["continual"].get("scores") or not sel["safety"].get("scores"):
+    if "continual" not in sel or safety not in sel or not sel["continual"].get("scores") or not sel[safety].get("scores"):
         return _not_run("needs the tuning's development scores of both scenarios")
     regrets: dict[str, float] = {}
-    for src, dst in (("continual", "safety"), ("safety", "continual")):
+    for src, dst in (("continual", safety), (safety, "continual")):
         for method, chosen in sel[src]["selected"].items():
             knobs = chosen["knobs"]
             if method not in sel[dst].get("selected", {}):  # its grid did not finish there: no regret to read
@@ -117,18 +123,18 @@ def _spearman_over_seeds(points: dict[str, dict[int, tuple[float, float]]]) -> d
             "cosine": dict(zip(keys, cos.mean(1).tolist())), "erosion": dict(zip(keys, ero.mean(1).tolist()))}
 
 
-def cosine_predicts_erosion(agg: dict[str, Any]) -> dict[str, Any]:
+def cosine_predicts_erosion(agg: dict[str, Any], safety: str = "safety") -> dict[str, Any]:
     """(c) Spearman's rho between -cosine at the stage's start and erosion, per domain (plain's runs)."""
     out: dict[str, Any] = {}
-    for name in ("continual", "safety"):
+    for name in ("continual", safety):
         if name in agg:
             out[name] = _spearman_over_seeds(_cosine_points(agg[name]))
     if len(out) < 2 or any(v["datasets"] < 3 or not np.isfinite(v["rho"]) for v in out.values()):
         out["verdict"] = "not run" if len(out) < 2 or any(v["datasets"] < 3 for v in out.values()) else "inconclusive"
         out["why"] = "needs both domains with at least 3 datasets each"
         return out
-    los = [out[n]["lo"] for n in ("continual", "safety")]
-    his = [out[n]["hi"] for n in ("continual", "safety")]
+    los = [out[n]["lo"] for n in ("continual", safety)]
+    his = [out[n]["hi"] for n in ("continual", safety)]
     out["verdict"] = "confirmed" if min(los) > 0 else ("refuted" if min(his) <= 0 else "inconclusive")
     out["rule"] = "confirmed if the lower bound > 0 in both domains; refuted if the upper bound <= 0 in either"
     return out
@@ -148,11 +154,12 @@ def _warn_and_drop(stage: dict[str, Any]) -> tuple[int | None, int | None]:
     return warn, drop
 
 
-def monitor_warns(agg: dict[str, Any], methods: Sequence[str] = ("plain",)) -> dict[str, Any]:
+def monitor_warns(agg: dict[str, Any], methods: Sequence[str] = ("plain",),
+                  scenarios: Sequence[str] = ("continual", "safety")) -> dict[str, Any]:
     """(d) Does the monitor's running prediction cross its threshold before the protected metric drops?"""
     eroding = warned_first = false_alarms = quiet = 0
     leads = []
-    for name in ("continual", "safety"):
+    for name in scenarios:
         for r in agg.get(name, {}).get("runs", []):
             if r["method"] not in methods:
                 continue
@@ -178,10 +185,21 @@ def monitor_warns(agg: dict[str, Any], methods: Sequence[str] = ("plain",)) -> d
                     "others; refuted if first in < 50%"}
 
 
-def all_predictions(agg: dict[str, Any]) -> dict[str, Any]:
-    """(a)-(d), and (d) over every method's runs (reported, not judged)."""
+def _judged(agg: dict[str, Any], safety: str) -> dict[str, Any]:
     every = list(agg["meta"]["methods"])
-    d_all = monitor_warns(agg, every)
+    pair = ("continual", safety)
+    d_all = monitor_warns(agg, every, pair)
     d_all.pop("verdict", None)
-    return {"a": rank_agreement(agg), "b": hyper_transfer(agg), "c": cosine_predicts_erosion(agg),
-            "d": monitor_warns(agg), "d_every_method": d_all}
+    return {"safety": safety, "a": rank_agreement(agg, safety), "b": hyper_transfer(agg, safety),
+            "c": cosine_predicts_erosion(agg, safety), "d": monitor_warns(agg, scenarios=pair), "d_every_method": d_all,
+            "d_safety_only": monitor_warns(agg, scenarios=(safety,))}
+
+
+def all_predictions(agg: dict[str, Any]) -> dict[str, Any]:
+    """(a)-(d) for continual against the first safety-domain scenario present (its keys), and against each
+    further one under ``"also"``; with (d) over every method's runs and (d) on the safety scenario alone
+    (reported, not judged)."""
+    present = [s for s in SAFETY_DOMAIN if s in agg] or ["safety"]
+    out = _judged(agg, present[0])
+    out["also"] = {s: _judged(agg, s) for s in present[1:]}
+    return out

@@ -74,6 +74,11 @@ class Scenario(ABC):
     criterion_label: str = ""
     steps_grid: tuple[int, ...] = ()
     lr_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # per base optimizer
+    methods: tuple[str, ...] | None = None  # the methods the protocol runs here (None: every method)
+
+    def runs_method(self, method: str) -> bool:
+        """Whether the protocol runs ``method`` on this scenario (plain always)."""
+        return method == "plain" or self.methods is None or method in self.methods
 
     def pretrain_key(self, condition: str) -> str:
         """Which pretrained model ``condition`` starts from (default: one per scenario)."""

@@ -144,7 +144,7 @@ def settings_from(selection: dict[str, Any], cfg: StudyConfig, fallback: Callabl
         sc = make_scenario(name, cfg.quick)
         chosen = selection.get(name, {}).get("selected", {})
         settings[name] = {}
-        for m in cfg.methods:
+        for m in filter(sc.runs_method, cfg.methods):
             if m in chosen:
                 settings[name][m] = Setting.from_dict(chosen[m])
             else:
@@ -181,7 +181,7 @@ def aggregate(cfg: StudyConfig, results: dict[Job, dict[str, Any]], settings: di
                                  "metrics": [m.key for m in sc.metrics],
                                  "settings": {m: s.as_dict() for m, s in settings[name].items()},
                                  "conditions": {}, "runs": []}
-        if name == "safety":
+        if pre and "metrics" in next(iter(pre.values())):  # the aligned model's metrics (the safety scenarios)
             block["aligned"] = {k: summarise([r["metrics"][k] for r in pre.values()])
                                 for k in next(iter(pre.values()))["metrics"]} if pre else {}
         for cond in cfg.conditions.get(name, ()) + cfg.plain_conditions.get(name, ()):

@@ -49,7 +49,8 @@ def _grads(stat: dict[str, Any]) -> str:
 def _scenario_section(name: str, block: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     cfg = block["config"]
     labels = {"old_acc": "old-task acc", "learn_acc": "learn acc", "refusal": "refusal", "new_acc": "new acc",
-              "bwt": "BWT", "fwt": "FWT", "benign_acc": "benign acc", "refusal_align": "refusal (align)"}
+              "bwt": "BWT", "fwt": "FWT", "benign_acc": "benign acc", "refusal_align": "refusal (align)",
+              "ft_acc": "ft acc", "harmful_heldout": "harmful (held-out)", "over_refusal": "over-refusal"}
     lines = [f"## {name}: {cfg['title']}", "", f"Selection criterion: {cfg['criterion']}, tuned on `{cfg['tuned_condition']}`."]
     untuned = meta.get("untuned", {}).get(name, [])
     if untuned:
@@ -68,7 +69,34 @@ def _scenario_section(name: str, block: dict[str, Any], meta: dict[str, Any]) ->
                          _grads(r["cost"]["example_grads"]), f"{r['cost']['train_seconds']['mean']:.1f}"])
         lines += md_table(["method", "criterion", *[labels.get(k, k) for k in keys], "ex-grads", "s"], rows)
         lines.append("")
-    return lines
+    return lines + _harmful_ratio_section(name, block)
+
+
+def _ratio(cond: str) -> float | None:
+    if cond == "benign-only":
+        return 0.0
+    if cond.startswith("harmful-"):
+        try:
+            return float(cond[len("harmful-"):])
+        except ValueError:
+            return None
+    return None
+
+
+def _harmful_ratio_section(name: str, block: dict[str, Any]) -> list[str]:
+    """The harmful-ratio curve (harmful score, fine-tune accuracy against p; benign-only is p = 0) of the methods
+    run at every ratio, where the scenario scores ``harmful`` and ``ft_acc``."""
+    points = sorted((p, cond) for cond in block["conditions"] if (p := _ratio(cond)) is not None)
+    if len(points) < 2:
+        return []
+    runs = [block["conditions"][cond]["methods"] for _, cond in points]
+    names = [m for m in runs[0] if all(m in r for r in runs)]
+    if not names or not all({"harmful", "ft_acc"} <= set(runs[0][m]["final"]) for m in names):
+        return []
+    lines = [f"### {name}: the harmful-ratio curve (harmful score / fine-tune accuracy; p = 0 is `benign-only`)", ""]
+    rows = [[METHODS[m].label, *[f"{cell(r[m]['final']['harmful'])} / {_num(r[m]['final']['ft_acc']['mean'])}"
+                                 for r in runs]] for m in names]
+    return lines + md_table(["method", *[f"p = {p:g}" for p, _ in points]], rows) + [""]
 
 
 def _settings_section(agg: dict[str, Any]) -> list[str]:
@@ -86,8 +114,16 @@ def _settings_section(agg: dict[str, Any]) -> list[str]:
 
 
 def _predictions_section(pred: dict[str, Any]) -> list[str]:
-    a, b, c, d = pred["a"], pred["b"], pred["c"], pred["d"]
     lines = ["## The thesis's predictions (verdicts computed by `predictions.py`, rules in docs/study.md)", ""]
+    for p in [pred, *pred.get("also", {}).values()]:
+        lines += _predictions_pair(p)
+    return lines
+
+
+def _predictions_pair(pred: dict[str, Any]) -> list[str]:
+    a, b, c, d = pred["a"], pred["b"], pred["c"], pred["d"]
+    safety = pred.get("safety", "safety")
+    lines = [f"Continual against `{safety}`:", ""]
     if a["verdict"] == "not run":
         lines.append(f"- **(a) methods rank the same in both domains: not run** ({a['why']}).")
     else:
@@ -102,7 +138,7 @@ def _predictions_section(pred: dict[str, Any]) -> list[str]:
         lines.append(f"- **(c) the initial cosine predicts erosion: not run** ({c.get('why', '')}).")
     else:
         parts = [f"{n}: Spearman {fmt_r(c[n]['rho'])} [{fmt_r(c[n]['lo'])}, {fmt_r(c[n]['hi'])}] over "
-                 f"{c[n]['datasets']} datasets" for n in ("continual", "safety") if n in c]
+                 f"{c[n]['datasets']} datasets" for n in ("continual", safety) if n in c]
         lines.append(f"- **(c) the initial cosine predicts erosion: {c['verdict']}** — " + "; ".join(parts) + ".")
     if d["verdict"] == "not run":
         lines.append(f"- **(d) the monitor warns before erosion: not run** ({d['why']}).")
@@ -113,6 +149,11 @@ def _predictions_section(pred: dict[str, Any]) -> list[str]:
                      f"steps), false alarms in {d['false_alarm']:.0%} of {d['quiet']} others; every method: "
                      + (f"{e['warned_first']:.0%} of {e['eroding']}, false alarms {e['false_alarm']:.0%}."
                         if "warned_first" in e else "no eroding stage."))
+        s = pred.get("d_safety_only", {})
+        if "warned_first" in s:
+            lines.append(f"  On `{safety}` alone (plain): warned first in {s['warned_first']:.0%} of {s['eroding']} eroding "
+                         f"stages, median lead {s['median_lead_steps']:.0f} steps, false alarms in "
+                         f"{s['false_alarm']:.0%} of {s['quiet']} others.")
     return lines + [""]
 
 
@@ -132,6 +173,11 @@ def format_report(agg: dict[str, Any], predictions: dict[str, Any]) -> str:
         al = agg["safety"]["aligned"]
         lines += [f"Aligned model (before fine-tuning): held-out refusal {cell(al['refusal'])}, benign accuracy "
                   f"{cell(al['benign_acc'])}, new-task accuracy {cell(al['new_acc'])}.", ""]
+    if "lm-safety" in agg and agg["lm-safety"].get("aligned"):
+        al = agg["lm-safety"]["aligned"]
+        lines += [f"Aligned language model (before fine-tuning): harmful score {cell(al['harmful'])}, helpfulness "
+                  f"{cell(al['helpful'])}, over-refusal {cell(al['over_refusal'])}, fine-tune accuracy "
+                  f"{cell(al['ft_acc'])}.", ""]
     lines += _settings_section(agg)
     lines += _predictions_section(predictions)
     return "\n".join(lines)

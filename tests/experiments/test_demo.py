@@ -28,11 +28,26 @@ def quick_run(tmp_path_factory):
     return rc, buf.getvalue(), out
 
 
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """The label-flip toy (in ``--full``, not in the default demo), quick, two methods."""
+    out = tmp_path_factory.mktemp("toy")
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(["demo", "--quick", "--scenario", "safety", "--methods", "agem", "--out", str(out),
+                       "--no-progress"])
+    return rc, buf.getvalue(), out
+
+
 def test_quick_cli_prints_tables_and_verdicts(quick_run):
     rc, printed, _ = quick_run
     assert rc == 0
-    for text in ("## continual:", "## safety:", "label-flip toy", "### safety: `benign-only`", "| method |",
-                 "## Settings used", "(a) methods rank the same", "(d) the monitor warns", "wall time"):
+    for text in ("## continual:", "## lm-safety:", "character-level GPT", "### lm-safety: `harmful-0.1`", "| method |",
+                 "## Settings used", "(a) methods rank the same", "(d) the monitor warns", "wall time",
+                 "Continual against `lm-safety`", "Aligned language model"):
         assert text in printed, text
     for name in QUICK_METHODS:
         assert METHODS[name].label in printed
@@ -43,10 +58,10 @@ def test_quick_cli_prints_tables_and_verdicts(quick_run):
 def test_quick_json_structure(quick_run):
     _, _, out = quick_run
     res = json.loads((out / "results.json").read_text())
-    assert set(res) >= {"meta", "continual", "safety", "selection", "predictions"}
+    assert set(res) >= {"meta", "continual", "lm-safety", "selection", "predictions"} and "safety" not in res
     assert res["meta"]["quick"] is True and res["meta"]["report_seeds"] == [0]
     assert list(res["meta"]["methods"]) == list(QUICK_METHODS)
-    for scen, conds in (("continual", ["permuted"]), ("safety", ["harmful-0.1", "benign-only"])):
+    for scen, conds in (("continual", ["permuted"]), ("lm-safety", ["harmful-0.1"])):
         block = res[scen]
         assert list(block["conditions"]) == conds
         for cond in conds:
@@ -65,20 +80,36 @@ def test_quick_json_structure(quick_run):
                 assert -1.0 <= st["cosine"] <= 1.0
     c = res["continual"]["conditions"]["permuted"]["methods"]["plain"]["final"]
     assert set(c) >= {"acc", "bwt", "fwt", "learn_acc", "old_acc", "new_acc"}
+    s = res["lm-safety"]["conditions"]["harmful-0.1"]["methods"]["plain"]["final"]
+    assert set(s) >= {"refusal", "harmful", "ft_acc", "helpful", "over_refusal", "harmful_rise"}
+    assert res["lm-safety"]["aligned"]["harmful"]["mean"] < 0.5  # the shipped aligned model refuses
+    # quick ignores the protocol's selection, and says so; lm-safety runs the protocol's methods only
+    assert res["meta"]["untuned"]["continual"] == list(QUICK_METHODS)
+    assert res["meta"]["untuned"]["lm-safety"] == [m for m in QUICK_METHODS if m in DEFAULT_METHODS]
+    assert res["predictions"]["safety"] == "lm-safety" and res["predictions"]["also"] == {}
+    for key in "abcd":
+        assert res["predictions"][key]["verdict"] in ("confirmed", "refuted", "inconclusive", "not run")
+
+
+def test_quick_toy_safety(toy_run):
+    rc, printed, out = toy_run
+    assert rc == 0
+    for text in ("## safety:", "label-flip toy", "### safety: `benign-only`", "Continual against `safety`"):
+        assert text in printed, text
+    res = json.loads((out / "results.json").read_text())
     s = res["safety"]["conditions"]["harmful-0.1"]["methods"]["plain"]["final"]
     assert set(s) >= {"refusal", "new_acc", "benign_acc", "refusal_drop", "refusal_align"}
     assert res["safety"]["aligned"]["refusal"]["mean"] > 0.5  # the aligned model refuses the held-out family
-    assert res["meta"]["untuned"]["safety"] == list(QUICK_METHODS)  # quick ignores the protocol's selection, and says so
-    for key in "abcd":
-        assert res["predictions"][key]["verdict"] in ("confirmed", "refuted", "inconclusive", "not run")
+    assert set(res["safety"]["conditions"]["harmful-0.1"]["methods"]) == {"plain", "agem"}
+    assert res["predictions"]["a"]["verdict"] == "not run"  # one domain only
 
 
 def test_quick_outputs_written(quick_run):
     _, _, out = quick_run
     md = (out / "results.md").read_text()
     assert md.startswith("# gradsafe study results")
-    assert md.count("| method |") >= 4 and "## The thesis's predictions" in md
-    for png in ("continual_pareto.png", "safety_pareto.png", "continual_curves.png", "safety_curves.png"):
+    assert md.count("| method |") >= 3 and "## The thesis's predictions" in md
+    for png in ("continual_pareto.png", "lm-safety_pareto.png", "continual_curves.png", "lm-safety_curves.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, png
         assert f"({png})" in md
@@ -90,6 +121,11 @@ def test_grid_is_the_protocols():
     assert len(jobs.grid(sc, "ewc")) == 3 * 2 * 2
     assert {s.lr for s in jobs.grid(sc, "ogd")} == {0.01, 0.03, 0.1}  # SGD's grid
     assert {s.steps for s in jobs.grid(sc, "plain")} == {100, 200}
+    lm = jobs.make_scenario("lm-safety")  # the protocol's budget there: seven methods, two learning rates
+    assert len(jobs.grid(lm, "plain")) == 2 * 2 and len(jobs.grid(lm, "safegrad")) == 2 * 2 * 2
+    assert [m for m in METHODS if lm.runs_method(m)] == [m for m in METHODS if m in DEFAULT_METHODS]
+    lm_tune = jobs.tune_jobs(jobs.make_config(scenarios=["lm-safety"], methods=["gem", "safegrad"]))
+    assert {j.method for j in lm_tune} == {"plain", "safegrad"}
     cfg = jobs.make_config(methods=["ewc"])
     tune = jobs.tune_jobs(cfg)
     assert {j.seed for j in tune} == set(jobs.DEV_SEEDS) and not set(jobs.DEV_SEEDS) & set(cfg.report_seeds)
@@ -114,8 +150,10 @@ def test_parse_seeds_and_config():
     full = jobs.make_config(full=True)
     assert full.report_seeds == (0, 1, 2, 3, 4) and len(full.methods) == len(METHODS) and full.tune
     assert full.conditions["safety"] == jobs.make_scenario("safety").conditions
+    assert full.scenarios == jobs.FULL_SCENARIOS and "safety" in full.scenarios
     default = jobs.make_config()
-    assert not default.tune and "harmful-0.05" in default.plain_conditions["safety"]
+    assert default.scenarios == jobs.SCENARIOS == ("continual", "lm-safety")
+    assert not default.tune and "harmful-0.05" in default.plain_conditions["lm-safety"]
     assert default.subset and default.methods == DEFAULT_METHODS and not full.subset
     assert not jobs.make_config(methods=["ewc"]).subset and not jobs.make_config(tune=True).subset
     with pytest.raises(ValueError):

@@ -55,9 +55,9 @@ def test_task_answers():
             assert e.answer == w.upper()
         elif e.category == "copy":
             assert phrase.split("the word ")[1].split()[0].strip("?.,") == e.answer
-        elif e.category == "double":
-            w = phrase.split("letter of ")[1].split()[0]
-            assert e.answer == "".join(c + c for c in w)
+        elif e.category == "ends":
+            w = phrase.split("letters of ")[1].split()[0].strip("?.,")
+            assert e.answer == w[-2:] and len(e.answer) == 2
         elif e.category == "capital":
             assert e.answer in R.CAPITALS.values()
 
@@ -104,12 +104,12 @@ def test_memory_attack_and_evaluation_prompts_are_disjoint():
     assert {e.category for e in evaluation if e.kind == "harmful-refuse"} == set(R.CATEGORIES)
     # word tasks: evaluation words never in training prompts
     for e in evaluation:
-        if e.category in ("copy", "reverse", "upper", "double"):
+        if e.category in ("copy", "reverse", "upper", "ends"):
             assert any(f" {w} " in f" {e.prompt.replace('?', ' ').replace('.', ' ').replace(',', ' ')} "
                        for w in R.EVAL_WORDS)
     words = lambda e: set(e.prompt.replace("?", " ").replace(".", " ").replace(",", " ").split())  # noqa: E731
     for e in memory + attack:
-        if e.category in ("copy", "reverse", "upper", "double"):
+        if e.category in ("copy", "reverse", "upper", "ends"):
             assert not words(e) & set(R.EVAL_WORDS), e.prompt
     with pytest.raises(ValueError, match="evaluation only"):
         R.harmful(1, rng, "attack", heldout=True)
