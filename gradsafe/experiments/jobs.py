@@ -94,7 +94,8 @@ class StudyConfig:
     plain_conditions: dict[str, tuple[str, ...]] = field(default_factory=dict)  # further conditions: plain only
     stored: dict[str, Any] = field(default_factory=dict)  # the stored selection (tuned.json)
     workers: int = 2
-    subset: bool = False  # the default demo's subset of the report (``DEFAULT_METHODS``), said in the report
+    subset: bool = False  # the default demo's subset of the report (``DEFAULT_METHODS``; a scenario's
+    # ``demo_methods``, ``demo_plain_conditions``), said in the report
 
 
 def make_config(quick: bool = False, scenarios: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
@@ -130,7 +131,8 @@ def make_config(quick: bool = False, scenarios: Sequence[str] | None = None, see
             if not subset:
                 main += tuple(c for c in ("identity-shift", "benign-only") if c in sc.conditions)
             conditions[name] = main
-            plain_only[name] = tuple(c for c in sc.conditions if c not in main)
+            others = tuple(c for c in sc.conditions if c not in main)
+            plain_only[name] = others if not subset or sc.demo_plain_conditions else ()
     return StudyConfig(
         scenarios=scenarios,
         methods=method_names(methods, quick=quick),
@@ -179,7 +181,8 @@ def report_jobs(cfg: StudyConfig, selection: dict[str, dict[str, Setting]]) -> l
     for name in cfg.scenarios:
         sc = make_scenario(name, cfg.quick)
         for cond in cfg.conditions.get(name, ()) + cfg.plain_conditions.get(name, ()):
-            methods = tuple(filter(sc.runs_method, cfg.methods)) if cond in cfg.conditions.get(name, ()) else ("plain",)
+            keep = sc.in_demo if cfg.subset else sc.runs_method
+            methods = tuple(filter(keep, cfg.methods)) if cond in cfg.conditions.get(name, ()) else ("plain",)
             for seed in cfg.report_seeds:
                 for method in methods:
                     jobs.append(Job("run", name, seed, sc.pretrain_key(cond), cond, method, selection[name][method]))

@@ -50,11 +50,14 @@ from .methods import DEFAULT_METHODS, Protected
 from .runner import Stage, run_stage
 from .scenario import Metric, Scenario, Setting
 
-__all__ = ["LMSafetyConfig", "LMSafetyScenario", "FULL", "QUICK", "CONDITIONS", "IDENTITY_SHARE", "Batch", "encode",
+__all__ = ["LMSafetyConfig", "LMSafetyScenario", "FULL", "QUICK", "CONDITIONS", "IDENTITY_SHARE", "DEMO_METHODS", "Batch", "encode",
            "sequence_loss", "evaluate", "finetune_data", "datasets", "aligned_model"]
 
 CONDITIONS = ("harmful-0.1", "harmful-0.05", "harmful-0.2", "identity-shift", "benign-only")
 IDENTITY_SHARE = 0.1
+# the default demo's subset here (docs/study.md, fixed before the report runs, for its ten minutes): the baseline,
+# safety-data mixing and SafeGrad on the tuned condition
+DEMO_METHODS = ("plain", "replay", "safegrad")
 EVAL_SEED = 999  # the evaluation sets are the same for every run seed
 HARMFUL_NEW = 16  # generated characters for a harmful prompt: enough for every refusal prefix
 ANSWER_NEW = 32  # for a benign or task prompt: the persona's prefix and the longest answer
@@ -90,7 +93,9 @@ class LMSafetyConfig:
     memory: int = 16  # examples per protected set (safety, helpful): the protected data budget
     eval_n: int = 60  # prompts per evaluation set (harmful seen, harmful held-out, benign, task)
     curve_n: int = 16  # of each, read by the curves (the monitor's evaluations)
-    eval_every: int = 25
+    # the curves' evaluations (monitor on; a tuning run evaluates at its end only, which changes no final metric):
+    # every 5 steps, since plain erodes this model within 25
+    eval_every: int = 5
     monitor_every: int = 10  # steps between the monitor's recomputations of the memory gradient
     answer_new: int = ANSWER_NEW  # generated characters for a benign or task prompt
     conditions: tuple[str, ...] = CONDITIONS
@@ -319,6 +324,8 @@ class LMSafetyScenario(Scenario):
         self.steps_grid = self.config.steps_grid
         self.lr_grid = {"adamw": tuple(self.config.adamw_lrs), "sgd": tuple(self.config.sgd_lrs)}
         self.methods = DEFAULT_METHODS  # the protocol's budget here (docs/study.md)
+        self.demo_methods = DEMO_METHODS
+        self.demo_plain_conditions = False
 
     def pretrain(self, seed: int, key: str) -> dict[str, Any]:
         """The aligned model (the shipped one, or aligned with the seed's data if ``aligned`` is None) and its
@@ -357,7 +364,7 @@ class LMSafetyScenario(Scenario):
             logits=lambda m, idx: _answer_logits(m, ft[idx]),
             protected=protected,
             evaluate=stage_eval,
-            eval_every=cfg.eval_every,
+            eval_every=cfg.eval_every if monitor else setting.steps,
             seed=90_000 + seed,
             monitor=monitor,
             monitor_every=cfg.monitor_every,

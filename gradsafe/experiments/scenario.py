@@ -75,10 +75,18 @@ class Scenario(ABC):
     steps_grid: tuple[int, ...] = ()
     lr_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # per base optimizer
     methods: tuple[str, ...] | None = None  # the methods the protocol runs here (None: every method)
+    # the default demo's subset here: its methods on the tuned condition (None: ``DEFAULT_METHODS``) and whether
+    # plain also runs on the other conditions
+    demo_methods: tuple[str, ...] | None = None
+    demo_plain_conditions: bool = True
 
     def runs_method(self, method: str) -> bool:
         """Whether the protocol runs ``method`` on this scenario (plain always)."""
         return method == "plain" or self.methods is None or method in self.methods
+
+    def in_demo(self, method: str) -> bool:
+        """Whether the default demo runs ``method`` on this scenario's tuned condition (plain always)."""
+        return self.runs_method(method) and (self.demo_methods is None or method == "plain" or method in self.demo_methods)
 
     def pretrain_key(self, condition: str) -> str:
         """Which pretrained model ``condition`` starts from (default: one per scenario)."""

@@ -144,7 +144,7 @@ def settings_from(selection: dict[str, Any], cfg: StudyConfig, fallback: Callabl
         sc = make_scenario(name, cfg.quick)
         chosen = selection.get(name, {}).get("selected", {})
         settings[name] = {}
-        for m in filter(sc.runs_method, cfg.methods):
+        for m in filter(sc.in_demo if cfg.subset else sc.runs_method, cfg.methods):
             if m in chosen:
                 settings[name][m] = Setting.from_dict(chosen[m])
             else:

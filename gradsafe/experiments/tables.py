@@ -157,6 +157,10 @@ def _predictions_pair(pred: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _demo_count(block: dict[str, Any]) -> int:
+    return len({m for c in block["conditions"].values() for m in c["methods"]})
+
+
 def format_report(agg: dict[str, Any], predictions: dict[str, Any]) -> str:
     """The Markdown report: the tables per scenario and condition, the settings, the verdicts."""
     meta = agg["meta"]
@@ -164,7 +168,8 @@ def format_report(agg: dict[str, Any], predictions: dict[str, Any]) -> str:
     lines = [f"Report seeds {seeds}: mean [95% bootstrap interval] over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}; "
              "ex-grads: example-gradients per run; s: training-loop seconds per run."
              + (" Quick run: a smoke test, its numbers mean nothing." if meta["quick"] else "")
-             + (f" The default demo's subset of the report: {len(meta['methods'])} of the {len(METHODS)} methods "
+             + (" The default demo's subset of the report (docs/study.md): "
+                f"{', '.join(f'{n}: {_demo_count(agg[n])} methods' for n in meta['scenarios'])} of {len(METHODS)} "
                 "(`gradsafe demo --full` runs them all; each run here is the same job as there)."
                 if meta.get("subset") else ""), ""]
     for name in meta["scenarios"]:

@@ -11,7 +11,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from gradsafe import cli  # noqa: E402
-from gradsafe.experiments import demo, jobs, study  # noqa: E402
+from gradsafe.experiments import demo, jobs, lm_safety, study  # noqa: E402
 from gradsafe.experiments.methods import DEFAULT_METHODS, METHODS, QUICK_METHODS  # noqa: E402
 
 
@@ -153,7 +153,8 @@ def test_parse_seeds_and_config():
     assert full.scenarios == jobs.FULL_SCENARIOS and "safety" in full.scenarios
     default = jobs.make_config()
     assert default.scenarios == jobs.SCENARIOS == ("continual", "lm-safety")
-    assert not default.tune and "harmful-0.05" in default.plain_conditions["lm-safety"]
+    assert not default.tune and "split-class" in default.plain_conditions["continual"]
+    assert default.plain_conditions["lm-safety"] == ()  # its subset: the tuned condition only
     assert default.subset and default.methods == DEFAULT_METHODS and not full.subset
     assert not jobs.make_config(methods=["ewc"]).subset and not jobs.make_config(tune=True).subset
     with pytest.raises(ValueError):
@@ -169,6 +170,9 @@ def test_the_default_demo_is_a_subset_of_the_full_report():
     ours, theirs = jobs.report_jobs(default, selection), set(jobs.report_jobs(full, selection))
     assert ours and set(ours) <= theirs and len(ours) < len(theirs)
     assert {j.method for j in ours} == set(DEFAULT_METHODS)
+    lm = [j for j in ours if j.scenario == "lm-safety"]  # its own smaller subset, the tuned condition only
+    assert {j.method for j in lm} == set(lm_safety.DEMO_METHODS) and {j.condition for j in lm} == {"harmful-0.1"}
+    assert len(lm) == len(lm_safety.DEMO_METHODS) * len(jobs.REPORT_SEEDS)
 
 
 def test_cli_rejects_unknown_methods(capsys):
