@@ -69,6 +69,7 @@ def main() -> None:
             charlm.save(model, args.save, extra=record)
             shipped, _ = charlm.load(args.save)
             record["metrics"] = {k: round(v, 4) for k, v in S.evaluate(shipped, cfg).items()}
+            record["metrics_eval_n"] = cfg.eval_n
             with open(args.save + ".json", "w") as f:
                 json.dump(record, f, indent=1)
             print(json.dumps({"saved": args.save, "metrics_shipped": record["metrics"]}), flush=True)

@@ -117,6 +117,20 @@ def test_prediction_c_cosine_and_erosion():
     assert predictions.cosine_predicts_erosion({"continual": good, "safety": bad})["verdict"] == "refuted"
 
 
+def test_predictions_judged_for_each_safety_domain_scenario():
+    same = {"plain": 0.1, "replay": 0.5, "ewc": 0.3, "agem": 0.7, "ogd": 0.2}
+    flipped = {m: -v for m, v in same.items()}
+    agg = _agg(same, same)
+    agg["lm-safety"] = _agg(same, flipped)["safety"]
+    pred = predictions.all_predictions(agg)
+    assert pred["safety"] == "safety" and pred["a"]["verdict"] == "confirmed"  # the toy first, as pre-registered
+    lm = pred["also"]["lm-safety"]
+    assert lm["safety"] == "lm-safety" and lm["a"]["verdict"] == "refuted" and lm["a"]["rho"] == pytest.approx(-1.0)
+    del agg["safety"]
+    alone = predictions.all_predictions(agg)  # the default demo: continual against lm-safety
+    assert alone["safety"] == "lm-safety" and alone["a"]["verdict"] == "refuted" and alone["also"] == {}
+
+
 def test_study_reexports_the_statistics():
     for name in ("pearson", "rankdata", "spearman", "aggregate", "bootstrap_ci"):
         assert getattr(study, name) is getattr(stats, name), name
