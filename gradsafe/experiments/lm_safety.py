@@ -55,9 +55,8 @@ __all__ = ["LMSafetyConfig", "LMSafetyScenario", "FULL", "QUICK", "CONDITIONS", 
 
 CONDITIONS = ("harmful-0.1", "harmful-0.05", "harmful-0.2", "identity-shift", "benign-only")
 IDENTITY_SHARE = 0.1
-# the default demo's subset here (docs/study.md, fixed before the report runs, for its ten minutes): the baseline,
-# safety-data mixing and SafeGrad on the tuned condition
-DEMO_METHODS = ("plain", "replay", "safegrad")
+# the default demo's subset here (docs/study.md, for its ten minutes): the baseline and SafeGrad on the tuned condition
+DEMO_METHODS = ("plain", "safegrad")
 EVAL_SEED = 999  # the evaluation sets are the same for every run seed
 HARMFUL_NEW = 16  # generated characters for a harmful prompt: enough for every refusal prefix
 ANSWER_NEW = 32  # for a benign or task prompt: the persona's prefix and the longest answer
@@ -286,6 +285,12 @@ def _shipped_aligned(name: str) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@functools.lru_cache(maxsize=2)
+def _shipped_metrics(cfg: LMSafetyConfig) -> dict[str, float]:
+    assert cfg.aligned is not None
+    return evaluate(_model(_shipped_aligned(cfg.aligned)), cfg)
+
+
 def aligned_model(seed: int, cfg: LMSafetyConfig) -> charlm.CharGPT:
     """The pretrained checkpoint after the seed's alignment (supervised fine-tuning; ``align_*``)."""
     data = datasets(seed, cfg)["align"]
@@ -331,10 +336,10 @@ class LMSafetyScenario(Scenario):
         """The aligned model (the shipped one, or aligned with the seed's data if ``aligned`` is None) and its
         metrics."""
         cfg = self.config
-        model = aligned_model(seed, cfg) if cfg.aligned is None else _model(_shipped_aligned(cfg.aligned))
-        model.eval()
-        return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                "metrics": evaluate(model, self.config)}
+        if cfg.aligned is not None:  # one model for every seed: evaluated once per process
+            return {"state": dict(_shipped_aligned(cfg.aligned)), "metrics": dict(_shipped_metrics(cfg))}
+        model = aligned_model(seed, cfg)
+        return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "metrics": evaluate(model, cfg)}
 
     def run(self, seed: int, condition: str, method: str, setting: Setting, pretrained: dict[str, Any],
             monitor: bool = True) -> dict[str, Any]:
