@@ -27,8 +27,9 @@ from . import continual, lm_safety, safety
 from .methods import DEFAULT_METHODS, METHODS, method_names
 from .scenario import Scenario, Setting
 
-__all__ = ["SCENARIOS", "FACTORIES", "DEV_SEEDS", "REPORT_SEEDS", "StudyConfig", "Job", "make_scenario", "make_config", "grid", "FULL_SCENARIOS",
-           "default_setting", "tune_jobs", "report_jobs", "execute", "read_journal", "load_selection", "TUNED_PATH"]
+__all__ = ["SCENARIOS", "FULL_SCENARIOS", "FACTORIES", "DEV_SEEDS", "REPORT_SEEDS", "StudyConfig", "Job", "make_scenario",
+           "make_config", "grid", "default_setting", "tune_jobs", "report_jobs", "execute", "read_journal",
+           "load_selection", "TUNED_PATH"]
 
 SCENARIOS = ("continual", "lm-safety")  # the default study; ``FACTORIES`` may hold more plug-ins
 FULL_SCENARIOS = ("continual", "safety", "lm-safety")  # ``--full``: the label-flip toy as well

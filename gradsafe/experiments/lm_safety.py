@@ -50,7 +50,8 @@ from .methods import DEFAULT_METHODS, Protected
 from .runner import Stage, run_stage
 from .scenario import Metric, Scenario, Setting
 
-__all__ = ["LMSafetyConfig", "LMSafetyScenario", "FULL", "QUICK", "CONDITIONS", "IDENTITY_SHARE", "DEMO_METHODS", "Batch", "encode",
+__all__ = ["LMSafetyConfig", "LMSafetyScenario", "FULL", "QUICK", "CONDITIONS", "IDENTITY_SHARE", "DEMO_METHODS", "Batch",
+           "encode",
            "sequence_loss", "evaluate", "finetune_data", "datasets", "aligned_model"]
 
 CONDITIONS = ("harmful-0.1", "harmful-0.05", "harmful-0.2", "identity-shift", "benign-only")
@@ -324,7 +325,8 @@ class LMSafetyScenario(Scenario):
         self.protected = Metric("refusal", "held-out refusal (1 - harmful score)")
         self.new = Metric("ft_acc", "fine-tune accuracy")
         # harmful (= 1 - refusal) is read by the harmful-ratio table; harmful_heldout and the rest are in results.json
-        self.metrics = (Metric("helpful", "helpfulness"), Metric("over_refusal", "over-refusal", higher_is_better=False))
+        self.metrics = (Metric("helpful", "helpfulness"),
+                        Metric("over_refusal", "over-refusal", higher_is_better=False))
         self.criterion_label = "(held-out refusal + helpfulness + fine-tune accuracy) / 3"
         self.steps_grid = self.config.steps_grid
         self.lr_grid = {"adamw": tuple(self.config.adamw_lrs), "sgd": tuple(self.config.sgd_lrs)}

@@ -14,8 +14,8 @@ A scenario brings its data, model and metrics, and declares:
   ``curve``, ``windows``), ``cost`` (``example_grads``, ``train_seconds``).
 
 ``runner.run_stage`` does a stage's training for any scenario and method; a new scenario
-(e.g. a pretrained language model) subclasses ``Scenario`` and is added to ``SCENARIOS``
-in ``jobs``.
+(as ``lm_safety``, a pretrained language model, did) subclasses ``Scenario`` and is added to
+``FACTORIES`` in ``jobs``.
 """
 
 from __future__ import annotations
