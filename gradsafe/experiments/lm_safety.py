@@ -267,10 +267,15 @@ def finetune_data(seed: int, cfg: LMSafetyConfig, condition: str) -> Batch:
     return encode(finetune_examples(seed, cfg, condition))
 
 
-@functools.lru_cache(maxsize=1)
-def _base_state() -> tuple[dict[str, torch.Tensor], charlm.GPTConfig]:
-    model, _ = charlm.load(charlm.CHECKPOINT)
+@functools.lru_cache(maxsize=3)
+def _checkpoint_state(name: str) -> tuple[dict[str, torch.Tensor], charlm.GPTConfig]:
+    """The state (float32) and config of the package's checkpoint ``name``, loaded once per process."""
+    model, _ = charlm.load(charlm.CHECKPOINT.with_name(name))
     return {k: v.clone() for k, v in model.state_dict().items()}, model.cfg
+
+
+def _base_state() -> tuple[dict[str, torch.Tensor], charlm.GPTConfig]:
+    return _checkpoint_state(charlm.CHECKPOINT.name)
 
 
 def _model(state: dict[str, torch.Tensor] | None = None) -> charlm.CharGPT:
@@ -280,10 +285,8 @@ def _model(state: dict[str, torch.Tensor] | None = None) -> charlm.CharGPT:
     return model
 
 
-@functools.lru_cache(maxsize=2)
 def _shipped_aligned(name: str) -> dict[str, torch.Tensor]:
-    model, _ = charlm.load(charlm.CHECKPOINT.with_name(name))
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    return _checkpoint_state(name)[0]
 
 
 @functools.lru_cache(maxsize=2)

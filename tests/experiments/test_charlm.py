@@ -8,13 +8,7 @@ import torch
 from gradsafe.experiments import charlm as C
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as the study's workers run (two cores shared: more threads only oversubscribe)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _random_model(seed=0, **kw):

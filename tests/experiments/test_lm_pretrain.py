@@ -13,13 +13,7 @@ TINY = dict(steps=60, batch=8, seq_len=32, d_model=32, n_layers=1, n_heads=2, d_
             eval_windows=16, lr=1e-2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as the study's workers run (two cores shared: more threads only oversubscribe)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_corpus_split_and_hash():

@@ -9,13 +9,7 @@ from gradsafe.experiments.scenario import Setting
 ALIGN_TEST_STEPS = 50
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as the study's workers run (two cores shared: more threads only oversubscribe)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_conditions_data_and_encoding():
