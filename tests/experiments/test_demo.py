@@ -16,30 +16,26 @@ from gradsafe.experiments.methods import DEFAULT_METHODS, METHODS, QUICK_METHODS
 
 
 # ----------------------------------------------------------------------------- the quick run, through the CLI
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("results")
+def _quick_cli(out, *args):
+    """``gradsafe demo --quick ARGS --out OUT``: its exit code, what it printed, the folder."""
     import contextlib
     import io
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = cli.main(["demo", "--quick", "--out", str(out), "--no-progress"])
+        rc = cli.main(["demo", "--quick", *args, "--out", str(out), "--no-progress"])
     return rc, buf.getvalue(), out
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    return _quick_cli(tmp_path_factory.mktemp("results"))
 
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     """The label-flip toy (in ``--full``, not in the default demo), quick, two methods."""
-    out = tmp_path_factory.mktemp("toy")
-    import contextlib
-    import io
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = cli.main(["demo", "--quick", "--scenario", "safety", "--methods", "agem", "--out", str(out),
-                       "--no-progress"])
-    return rc, buf.getvalue(), out
+    return _quick_cli(tmp_path_factory.mktemp("toy"), "--scenario", "safety", "--methods", "agem")
 
 
 def test_quick_cli_prints_tables_and_verdicts(quick_run):
