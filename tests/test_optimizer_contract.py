@@ -892,3 +892,68 @@ def test_memory_rides_in_the_first_param_group_too():
     assert torch.equal(fresh.objectives["s"].basis, opt.objectives["s"].basis)
     assert all("gradsafe" not in g for g in fresh.base_optimizer.param_groups)
     assert "gradsafe" in sd["param_groups"][0]  # the caller's dict is not modified
+
+
+# ------------------------------------------------------------------ space "update": two ways to write u'
+class _HoldsUInTheParameters:
+    """The torch backend without ``can_subtract``: the optimizer's other update-space path."""
+
+    name = "torch-in-place"
+
+    def __init__(self):
+        self._torch = gradsafe.backends.TorchBackend()
+
+    def run(self, plan, tensors):
+        return self._torch.run(plan, tensors)
+
+
+def _update_space_run(backend, dtype, steps=5, agree=False):
+    model = make_model(3).to(dtype)
+    x, y = make_batch(0)
+    # the task's own loss (its reference never conflicts with u), or the task's inputs with
+    # the opposite targets (it conflicts at once)
+    align_batch = (x, y) if agree else (x, -y)
+    opt = ProtectedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), backend=backend, space="update")
+    opt.protect("align", closure=lambda: mse(model, tuple(t.to(dtype) for t in align_batch)),
+                mode="conflict", refresh_every=1)
+    active = 0
+    for s in range(steps):
+        opt.zero_grad()
+        mse(model, tuple(t.to(dtype) for t in make_batch(0 if agree else s % 2))).backward()
+        opt.step()
+        active += opt.report["align"]["conflict"] > 0
+    return [p.detach().clone() for p in model.parameters()], active
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_update_space_subtracting_from_the_parameters_matches_holding_u_in_them(dtype, monkeypatch):
+    calls = []
+    run = gradsafe.backends.TorchBackend.run
+
+    def counted(self, plan, tensors, subtract_from=None):
+        calls.append(subtract_from is not None)
+        return run(self, plan, tensors, subtract_from=subtract_from)
+
+    monkeypatch.setattr(gradsafe.backends.TorchBackend, "run", counted)
+    subtracted, active = _update_space_run("torch", dtype)
+    assert calls and all(calls)
+    calls.clear()
+    held, _ = _update_space_run(_HoldsUInTheParameters(), dtype)
+    assert calls and not any(calls)
+    assert active > 0  # the conflict bound in some steps
+    start = [p.detach().to(dtype) for p in make_model(3).parameters()]
+    moved = sum(float((h - s).norm() ** 2) for h, s in zip(held, start)) ** 0.5
+    diff = sum(float((a - b).norm() ** 2) for a, b in zip(subtracted, held)) ** 0.5
+    assert diff <= (1e-6 if dtype == torch.float32 else 1e-13) * moved
+
+
+def test_update_space_step_whose_rule_leaves_u_alone_is_the_base_step_bit_for_bit():
+    protected, active = _update_space_run("torch", torch.float32, agree=True)
+    assert active == 0
+    model = make_model(3)
+    plain = torch.optim.AdamW(model.parameters(), lr=0.05)
+    for _ in range(5):
+        plain.zero_grad()
+        mse(model, make_batch(0)).backward()
+        plain.step()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(protected, model.parameters()))

@@ -8,6 +8,8 @@ of being rebuilt. Each test here compares that with what a freshly built plan do
 
 from __future__ import annotations
 
+import copy
+
 import warnings
 
 import numpy as np
@@ -493,23 +495,54 @@ def test_an_ewc_objective_refreshed_in_place_keeps_its_fisher_without_fisher_met
     assert obj.tracks_fisher and torch.equal(obj.fisher, fisher)  # EWC's is the task's: a refresh leaves it
 
 
-def test_a_surgery_that_raises_in_update_space_leaves_the_parameters_at_theta_before(monkeypatch):
-    """In space "update" a parameter holds u while the surgery runs; an exception must not leave u there."""
+class _InterruptedBackend:
+    """A backend object (no ``can_subtract``) interrupted half-way through its in-place work."""
+
+    name = "interrupted"
+
+    def run(self, plan, tensors):
+        for t in tensors:
+            t.mul_(7.0)
+        raise KeyboardInterrupt
+
+
+def test_a_surgery_that_raises_in_update_space_leaves_the_parameters_at_theta_before():
+    """Where a parameter holds u while the surgery runs (a backend object), an exception must not leave u there."""
     model = make_model(3)
     params = list(model.parameters())
-    opt = ProtectedOptimizer(torch.optim.AdamW(params, lr=0.05), backend="torch", space="update")
+    opt = ProtectedOptimizer(torch.optim.AdamW(params, lr=0.05), backend=_InterruptedBackend(), space="update")
     opt.protect("old", random_samples(model, 3, seed=1), mode="project")
     x = torch.randn(8, 5)
     model(x).square().mean().backward()
     before = [p.detach().clone() for p in params]
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
 
-    def fail(plan, tensors):
-        for t in tensors:
-            t.mul_(7.0)  # a backend interrupted half-way through its in-place work
+
+def test_a_surgery_that_raises_before_writing_leaves_the_base_step_when_the_backend_subtracts(monkeypatch):
+    """The torch backend's path reads u from the snapshot and writes the parameters last: an
+    exception before that write leaves exactly the base optimizer's step."""
+    model = make_model(3)
+    params = list(model.parameters())
+    plain_model = copy.deepcopy(model)
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=0.05)
+    opt = ProtectedOptimizer(torch.optim.AdamW(params, lr=0.05), backend="torch", space="update")
+    opt.protect("old", random_samples(model, 3, seed=1), mode="project")
+    x = torch.randn(8, 5)
+    model(x).square().mean().backward()
+    plain_model(x).square().mean().backward()
+    plain.step()
+    calls = []
+
+    def fail(plan, tensors, subtract_from=None):
+        calls.append(subtract_from is not None)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(opt._backend, "run", fail)
     with pytest.raises(KeyboardInterrupt):
         opt.step()
-    for p, b in zip(params, before):
-        assert torch.equal(p.detach(), b)
+    assert calls == [True]
+    for p, q in zip(params, plain_model.parameters()):
+        assert torch.equal(p.detach(), q.detach())

@@ -66,10 +66,17 @@ class AutoBackend:
                     return self._triton
         return self._torch
 
-    def run(self, plan: Plan, tensors: list[torch.Tensor]) -> StepRecord:
+    def can_subtract(self, plan: Plan) -> bool:
+        """Whether the backend ``plan`` runs on takes ``subtract_from`` for it (``TorchBackend.run``)."""
+        can = getattr(self.choose(plan.device), "can_subtract", None)
+        return can is not None and can(plan)
+
+    def run(self, plan: Plan, tensors: list[torch.Tensor], subtract_from: list[torch.Tensor] | None = None) -> StepRecord:
         backend = self.choose(plan.device)
         self.last = backend.name
-        return backend.run(plan, tensors)
+        if subtract_from is None:
+            return backend.run(plan, tensors)
+        return backend.run(plan, tensors, subtract_from=subtract_from)
 
 
 def get_backend(name: "str | Backend | None" = None) -> Backend:

@@ -231,6 +231,19 @@ def _apply_pass(chunk: _Chunk, targets: list[torch.Tensor], W: torch.Tensor, fre
             h.addmv_(rows_t, W[live])
 
 
+def _check_subtract(plan: Plan, tensors: list[torch.Tensor], targets: list[torch.Tensor], allowed: bool) -> None:
+    if not allowed:
+        raise ValueError("subtract_from needs a plan without damping or factored parts (can_subtract)")
+    if len(targets) != len(tensors):
+        raise ValueError(f"subtract_from has {len(targets)} tensors, expected {len(tensors)}")
+    for i, (t, s) in enumerate(zip(tensors, targets)):
+        if t.dtype not in (torch.float32, torch.float64) or not t.is_contiguous() or not s.is_contiguous():
+            raise ValueError(f"subtract_from: tensor {i} must be contiguous float32 or float64, with its target")
+        if s.shape != t.shape or s.dtype != t.dtype or s.device != t.device:
+            raise ValueError(f"subtract_from: tensor {i}'s target is {s.dtype} {tuple(s.shape)} on {s.device}, "
+                             f"expected {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
 _pool_lock = threading.Lock()
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, executor)
 
@@ -302,7 +315,21 @@ class TorchBackend:
         chunks = max(1, min(threads * CHUNKS_PER_THREAD, sum(_views(plan, 1).numels) // MIN_CHUNK_COLUMNS))
         return chunks, min(threads, chunks)
 
-    def run(self, plan: Plan, tensors: list[torch.Tensor]) -> StepRecord:
+    def can_subtract(self, plan: Plan) -> bool:
+        """Whether ``run(plan, ..., subtract_from=...)`` applies: the plan's change to a tensor
+        is then ``rows^T w`` alone (no damping, no factored part)."""
+        return not plan.has_factored and all(f is None for f in plan.damp_factors)
+
+    def run(self, plan: Plan, tensors: list[torch.Tensor], subtract_from: list[torch.Tensor] | None = None) -> StepRecord:
+        """The step's surgery on ``tensors``, in place.
+
+        ``subtract_from`` (``can_subtract(plan)`` must hold): tensors of the same shapes and
+        dtypes, all contiguous float32 or float64 like ``tensors``. ``tensors`` are then only
+        read, and the change the surgery would make to each is subtracted from its
+        ``subtract_from`` tensor instead (space "update": ``u`` in, the parameters changed).
+        """
+        if subtract_from is not None:
+            _check_subtract(plan, tensors, subtract_from, self.can_subtract(plan))
         compiling = torch.compiler.is_compiling()
         chunks, threads = self._split(plan, compiling)
         views = _views(plan, chunks)
@@ -377,19 +404,25 @@ class TorchBackend:
             if compiling:
                 weights = np.where(finite, weights, 0.0)
             W = torch.from_numpy(weights.astype(np.float32)).to(plan.device)
+            fresh = frozenset(wide)
+            # what the correction is added into; a float64 tensor's is its correction buffer
+            changed, targets = own, work
+            if subtract_from is not None:  # the negated correction, into the other tensors
+                W = W.neg_()
+                changed = [t.view(-1) for t in subtract_from]
+                targets = [work[i] if i in fresh else t for i, t in enumerate(changed)]
             entries = _views(plan, 1).chunks[0].apply  # every (position, weights) pair once
             skip: frozenset[tuple[int, int]] = frozenset()
             if not compiling:  # adding zero (a conflict constraint that holds): skip the pass
                 skip = frozenset((e[4].start, e[4].stop) for e in entries if not weights[e[4]].any())
-            fresh = frozenset(wide)
             if threaded:  # last chunks first: their rows are the likeliest still in cache
-                _run_chunks([lambda p=p: _apply_pass(p, work, W, fresh, skip) for p in views.chunks[::-1]], threads)
+                _run_chunks([lambda p=p: _apply_pass(p, targets, W, fresh, skip) for p in views.chunks[::-1]], threads)
             else:
-                _apply_pass(views.chunks[0], work, W, fresh, skip)
+                _apply_pass(views.chunks[0], targets, W, fresh, skip)
             touched = {pos for pos, *_, live in entries if (live.start, live.stop) not in skip}
             for i in wide:
                 if i in touched:  # every chunk over it wrote its range of the buffer
-                    own[i].add_(work[i])
+                    changed[i].add_(work[i])
 
         for t, w in writeback:
             t.copy_(w.view_as(t))

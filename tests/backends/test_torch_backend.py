@@ -355,3 +355,82 @@ def test_non_contiguous_gradients_match_their_contiguous_twins(small_parts, dtyp
         assert s.dtype == dtype and s.stride() == st
         assert torch.equal(s, t)
         assert not torch.equal(s, g)
+
+
+# ---------------------------------------------------------------------------- subtract_from
+def undamped_mixture(opt, gen, grads):
+    """``mixture`` without damping: every change is a sum of rows (``can_subtract``)."""
+    opt.protect("g", rand_samples(opt, 3, gen), mode="project", scope="global")
+    opt.protect("t", rand_samples(opt, 2, gen, cover=[0, 2, 3]), mode="project", scope="tensor", strength=0.5)
+    opt.protect("gem", [[-0.4 * g + 0.8 * torch.randn(g.shape, generator=gen).to(g.dtype) for g in grads]
+                        for _ in range(3)], mode="conflict", references="samples", rank=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_subtract_from_takes_the_change_off_the_targets_and_leaves_the_tensors(small_parts, dtype, threads, seed):
+    gen = torch.Generator().manual_seed(seed)
+    backend = TorchBackend(threads=threads)
+    opt = make_opt(BIG, dtype=dtype, gen=gen, backend=backend)
+    u = rand_grads(opt, gen)
+    undamped_mixture(opt, gen, u)
+    plan = opt._current_plan(all_params(opt))
+    assert backend.can_subtract(plan)
+    changed = [t.clone() for t in u]
+    in_place = backend.run(plan, changed)
+    targets = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dtype) for t in u]
+    expected = [s - (c - t) for s, c, t in zip(targets, changed, u)]
+    originals = [t.clone() for t in u]
+    out = [s.clone() for s in targets]
+    record = backend.run(plan, u, subtract_from=out)
+    assert all(torch.equal(a, b) for a, b in zip(u, originals))  # only read
+    assert torch.equal(torch.as_tensor(record.coefs), torch.as_tensor(in_place.coefs))
+    assert torch.equal(torch.as_tensor(record.weights), torch.as_tensor(in_place.weights))
+    params = all_params(opt)
+    moved = float((flatten(changed, params) - flatten(u, params)).norm() / flatten(u, params).norm())
+    assert moved > 0.05  # the surgery is not vacuous
+    assert rel_err(out, expected, u, params) <= (1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def test_subtract_from_writes_nothing_when_the_weights_are_zero():
+    gen = torch.Generator().manual_seed(3)
+    backend = TorchBackend()
+    opt = make_opt(BIG, gen=gen, backend=backend)
+    u = rand_grads(opt, gen)
+    # references that agree with u: no conflict constraint binds
+    opt.protect("gem", [[0.5 * t + 0.1 * torch.randn(t.shape, generator=gen) for t in u] for _ in range(2)],
+                mode="conflict", references="samples", rank=2)
+    plan = opt._current_plan(all_params(opt))
+    targets = [torch.randn(t.shape, generator=gen) for t in u]
+    out = [s.clone() for s in targets]
+    record = backend.run(plan, u, subtract_from=out)
+    assert not torch.as_tensor(record.weights).any()
+    assert all(torch.equal(a, b) for a, b in zip(out, targets))
+
+
+def test_subtract_from_is_refused_where_the_change_is_not_a_sum_of_rows():
+    gen = torch.Generator().manual_seed(4)
+    backend = TorchBackend()
+    opt = make_opt(BIG, gen=gen, backend=backend)
+    u = rand_grads(opt, gen)
+    opt.protect("g", rand_samples(opt, 3, gen), mode="project", damping=0.5)
+    plan = opt._current_plan(all_params(opt))
+    assert not backend.can_subtract(plan)
+    with pytest.raises(ValueError, match="can_subtract"):
+        backend.run(plan, u, subtract_from=[t.clone() for t in u])
+
+
+def test_subtract_from_checks_its_targets():
+    gen = torch.Generator().manual_seed(5)
+    backend = TorchBackend()
+    opt = make_opt(BIG, gen=gen, backend=backend)
+    u = rand_grads(opt, gen)
+    opt.protect("g", rand_samples(opt, 3, gen), mode="project")
+    plan = opt._current_plan(all_params(opt))
+    with pytest.raises(ValueError, match="tensor 0's target"):
+        backend.run(plan, u, subtract_from=[t.double() for t in u])
+    with pytest.raises(ValueError, match="contiguous"):
+        backend.run(plan, u, subtract_from=[torch.empty(t.shape[::-1]).T if t.dim() == 2 else t.clone() for t in u])
+    with pytest.raises(ValueError, match="has 1 tensors"):
+        backend.run(plan, u, subtract_from=u[:1])
