@@ -16,11 +16,15 @@ model with AdamW (lr 1e-4):
 - (d) gradsafe with four live conflict objectives (GEM over four alignment batches);
 - (e) the hand-written GEM loop: four ``torch.autograd.grad`` calls, the 4 x 4 Gram, the
   dual QP solved on the host with quadprog, the projected gradient;
-- (f) as (c), with ``space="update"`` (the surgery acts on AdamW's update).
+- (f) as (c), with ``space="update"`` (the surgery acts on AdamW's update);
+- (g) the hand-written loop for (f): (b)'s reference and backward, a copy of the
+  parameters, AdamW's step, ``u = before - after``, the dot product, and on a conflict the
+  parameters moved to ``before - u'`` (``after + <u, r> / |r|^2 r``).
 
-Before timing, (b) and (c), and (d) and (e), take the same steps from the same state and
-must agree (``check_pair``); then all variants are timed round-robin (each turn a repeat of
-``steps`` steps) and the medians are reported with their time ratios (lower is better).
+Before timing, (b) and (c), (g) and (f), and (d) and (e) take the same steps from the same
+state and must agree (``check_pair``); then all variants are timed round-robin (each turn a
+repeat of ``steps`` steps) and the medians are reported with their time ratios (lower is
+better).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ __all__ = [
     "PlainAdamW",
     "HandAGEM",
     "HandGEM",
+    "HandAGEMUpdate",
     "GradsafeLive",
     "CheckResult",
     "relative_error",
@@ -75,8 +80,9 @@ VARIANTS = {
     "d": "(d) gradsafe, 4 live conflicts (GEM)",
     "e": "(e) hand GEM loop, 4 refs, quadprog",
     "f": "(f) gradsafe, 1 live, space=update",
+    "g": "(g) hand A-GEM loop on the update",
 }
-HAND_FOR = {"c": "b", "f": "b", "d": "e"}  # each gradsafe variant's matching hand loop
+HAND_FOR = {"c": "b", "f": "g", "d": "e"}  # each gradsafe variant's matching hand loop
 
 Loss = Callable[[torch.nn.Module], torch.Tensor]
 
@@ -229,6 +235,24 @@ class HandAGEM(PlainAdamW):
         self.opt.step()
 
 
+class HandAGEMUpdate(PlainAdamW):
+    """(g): A-GEM on AdamW's update ``u = theta_before - theta_after``, as a user writes it."""
+
+    def step(self) -> None:
+        ref = torch.autograd.grad(self.problem.align_losses[0](self.model), self.params)
+        self.backward()
+        before = [p.detach().clone() for p in self.params]
+        self.opt.step()
+        u = [b - p.detach() for b, p in zip(before, self.params)]
+        dot = sum((x * r).sum() for x, r in zip(u, ref))
+        self.active = 0
+        if dot < 0:  # theta_before - (u - scale r) = theta_after + scale r
+            scale = dot / sum((r * r).sum() for r in ref)
+            for p, r in zip(self.params, ref):
+                p.detach().add_(scale * r)
+            self.active = 1
+
+
 class HandGEM(PlainAdamW):
     """(e): GEM over the four alignment losses as a user writes it (flattened gradients, quadprog)."""
 
@@ -284,6 +308,7 @@ def make_variants(problem: LiveProblem, backend: str | None, quadprog) -> dict[s
         out["d"] = GradsafeLive(problem, ALIGN_BATCHES, backend=backend)
         out["e"] = HandGEM(problem, quadprog)
     out["f"] = GradsafeLive(problem, 1, space="update", backend=backend)
+    out["g"] = HandAGEMUpdate(problem)
     return out
 
 
@@ -319,8 +344,9 @@ def check_pair(pair: str, hand: PlainAdamW, gradsafe: PlainAdamW, constraints: i
                steps: int = CHECK_STEPS) -> list[CheckResult]:
     """Step both ``steps`` times from the same state; compare after each step.
 
-    Compared: the gradients AdamW stepped with (``.grad`` after the step: both project it in
-    place), the sharp test of the surgery; and the parameters. Not the update ``theta -
+    Compared: the gradients AdamW stepped with (``.grad`` after the step: in space "grad" both
+    project it in place), the sharp test of the surgery there; and the parameters, the test in
+    space "update", where ``.grad`` is left as the backward made it. Not the update ``theta -
     theta_start`` itself: AdamW's first steps are ``g / (|g| + eps)`` per entry, which turns the
     fp32 rounding of entries with ``|g|`` near eps into relative differences of 1e-4 in the
     update while the gradients agree to 1e-6.
@@ -367,15 +393,17 @@ def format_live_table(results: Sequence[ProblemTimes]) -> str:
     """One row per problem and variant: ms/step, the time over the matching hand loop's and over AdamW's."""
     wheres = [f"{res.problem.name} ({res.problem.label}, {res.problem.numel / 1e6:.2f}M)" for res in results]
     width = max([26, *map(len, wheres)])
-    head = f"{'problem':{width}s} {'variant':38s} {'ms/step':>9s} {'/ hand':>7s} {'/ AdamW':>8s}"
+    head = f"{'problem':{width}s} {'variant':38s} {'ms/step':>9s} {'/ hand':>7s} {'/ (b)':>7s} {'/ AdamW':>8s}"
     lines = [head, "-" * len(head)]
     for res, where in zip(results, wheres):
         for key, t in res.median.items():
             hand = res.median.get(HAND_FOR.get(key, ""))
+            safegrad = res.median.get("b")
             adamw = res.median.get("a")
             vs_hand = f"{t / hand:6.2f}x" if hand else f"{'-':>7s}"
+            vs_b = f"{t / safegrad:6.2f}x" if safegrad and key not in "ab" else f"{'-':>7s}"
             vs_adamw = f"{t / adamw:7.2f}x" if adamw and key != "a" else f"{'-':>8s}"
-            lines.append(f"{where:{width}s} {VARIANTS[key]:38s} {t * 1e3:9.2f} {vs_hand} {vs_adamw}")
+            lines.append(f"{where:{width}s} {VARIANTS[key]:38s} {t * 1e3:9.2f} {vs_hand} {vs_b} {vs_adamw}")
     return "\n".join(lines)
 
 
@@ -407,10 +435,11 @@ def run_live(args: argparse.Namespace) -> int:
             print(f"{exc}; skipping {name}", flush=True)
             continue
         variants = make_variants(problem, backend, quadprog)
-        print(f"{name}: {problem.label}, {problem.numel:,} parameters; checking (b)=(c)"
+        print(f"{name}: {problem.label}, {problem.numel:,} parameters; checking (b)=(c), (g)=(f)"
               f"{' and (d)=(e)' if 'd' in variants else ''}, then timing {len(variants)} variants x "
               f"{repeats} repeats x {steps} steps", flush=True)
         checks = check_pair("(b) vs (c)", variants["b"], variants["c"], 1)
+        checks += check_pair("(g) vs (f)", variants["g"], variants["f"], 1)
         if "d" in variants:
             checks += check_pair("(e) vs (d)", variants["e"], variants["d"], ALIGN_BATCHES)
         for c in checks:
@@ -432,10 +461,11 @@ def run_live(args: argparse.Namespace) -> int:
         f"per problem {repeats} repeats x {steps} steps, round-robin over the variants, median"
         + (" (--quick: tiny models)" if quick else "") + "\n"
         "ms/step: median over repeats of (a repeat's time / its steps); / hand: ms/step over the matching hand "
-        "loop's ((c), (f) over (b); (d) over (e)); / AdamW: over (a)'s. Time ratios: lower is better.\n"
+        "loop's ((c) over (b), (f) over (g), (d) over (e)); / (b): over the hand SafeGrad loop's; / AdamW: over "
+        "(a)'s. Time ratios: lower is better.\n"
         + format_live_table(results)
-        + "\n(b)=(c) and (d)=(e) were checked to take the same step (tolerance "
-        f"{TOLERANCE:.0e} relative); (f) projects AdamW's update instead of the gradient, a different step, timed only."
+        + "\n(b)=(c), (g)=(f) and (d)=(e) were checked to take the same step (tolerance "
+        f"{TOLERANCE:.0e} relative); (f) and (g) project AdamW's update, a different step from (b)'s and (c)'s."
     )
     emit(text, getattr(args, "out", None))
     return 0

@@ -15,6 +15,7 @@ from gradsafe.bench.live import (
     VARIANTS,
     GradsafeLive,
     HandAGEM,
+    HandAGEMUpdate,
     HandGEM,
     PlainAdamW,
     check_pair,
@@ -24,7 +25,7 @@ from gradsafe.bench.live import (
 from gradsafe.cli import main
 
 QUICK = ["bench", "--live", "--quick", "--device", "cpu", "--rounds", "1", "--steps", "1"]
-ROW = re.compile(r"^(\S+) \((.+?)\)\s+(\([a-f]\) .+?)\s+(\d+\.\d+)\s+(-|\d+\.\d+x)\s+(-|\d+\.\d+x)$")
+ROW = re.compile(r"^(\S+) \((.+?)\)\s+(\([a-g]\) .+?)\s+(\d+\.\d+)\s+(-|\d+\.\d+x)\s+(-|\d+\.\d+x)\s+(-|\d+\.\d+x)$")
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +33,13 @@ def problem():
     return make_live_problem("mlp512", quick=True)
 
 
-def _rows(out: str) -> dict[tuple[str, str], tuple[float, str, str]]:
+def _rows(out: str) -> dict[tuple[str, str], tuple[float, str, str, str]]:
+    """(problem, variant) -> (ms/step, / hand, / (b), / AdamW)."""
     rows = {}
     for line in out.splitlines():
         m = ROW.match(line)
         if m:
-            rows[(m.group(1), m.group(3))] = (float(m.group(4)), m.group(5), m.group(6))
+            rows[(m.group(1), m.group(3))] = (float(m.group(4)), m.group(5), m.group(6), m.group(7))
     return rows
 
 
@@ -51,6 +53,18 @@ def test_the_first_alignment_batch_conflicts_with_the_task(problem):
     r = torch.autograd.grad(problem.align_losses[0](problem.model), params)
     assert sum(float((a * b).sum()) for a, b in zip(g, r)) < 0
     assert len(problem.align_losses) == ALIGN_BATCHES
+
+
+def test_the_hand_update_loop_leaves_an_update_that_does_not_conflict(problem):
+    variant = HandAGEMUpdate(problem)
+    ref = torch.autograd.grad(problem.align_losses[0](variant.model), variant.params)
+    before = [p.detach().clone() for p in variant.params]
+    variant.step()
+    assert variant.active == 1
+    u = [b - p.detach() for b, p in zip(before, variant.params)]
+    un = sum(float(t.pow(2).sum()) for t in u) ** 0.5
+    rn = sum(float(t.pow(2).sum()) for t in ref) ** 0.5
+    assert abs(sum(float((a * b).sum()) for a, b in zip(u, ref))) <= 1e-5 * un * rn  # projected onto <u, r> = 0
 
 
 def test_hand_loops_satisfy_their_constraints(problem):
@@ -87,11 +101,15 @@ def test_live_closures_are_recomputed_every_step(problem):
 def test_check_agrees_on_the_same_computation_and_not_on_another(problem):
     quadprog = pytest.importorskip("quadprog")
     same = check_pair("(b) vs (c)", HandAGEM(problem), GradsafeLive(problem, 1), 1)
+    same += check_pair("(g) vs (f)", HandAGEMUpdate(problem), GradsafeLive(problem, 1, space="update"), 1)
     same += check_pair("(e) vs (d)", HandGEM(problem, quadprog), GradsafeLive(problem, ALIGN_BATCHES), ALIGN_BATCHES)
     assert all(c.ok for c in same), [str(c) for c in same]
     assert all(c.active >= 1 for c in same)
     different = check_pair("(a) vs (c)", PlainAdamW(problem), GradsafeLive(problem, 1), 1, steps=1)
     assert not different[0].ok and different[0].grad_error > 1e-3
+    # in space "update" the gradients are left alone: the parameters tell the steps apart
+    different = check_pair("(a) vs (f)", PlainAdamW(problem), GradsafeLive(problem, 1, space="update"), 1, steps=1)
+    assert not different[0].ok and different[0].param_error > 1e-7 and different[0].grad_error == 0
 
 
 def test_relative_error():
@@ -106,8 +124,9 @@ def test_bench_live_cli_prints_well_formed_rows(capsys):
     assert main(QUICK + ["--problems", "mlp512,mlp1024"]) == 0
     out = capsys.readouterr().out
     progress = [line for line in out.splitlines() if line.startswith(("mlp512:", "mlp1024:"))]
-    assert len(progress) == 2 and all("timing 6 variants x 1 repeats x 1 steps" in line for line in progress)
+    assert len(progress) == 2 and all("timing 7 variants x 1 repeats x 1 steps" in line for line in progress)
     assert out.count("check (b) vs (c) step") == 4 and out.count("check (e) vs (d) step") == 4
+    assert out.count("check (g) vs (f) step") == 4
     assert "ms/step" in out and "/ hand" in out and "lower is better" in out
     rows = _rows(out)
     for name in ("mlp512", "mlp1024"):
@@ -115,11 +134,14 @@ def test_bench_live_cli_prints_well_formed_rows(capsys):
         ms = {v[1]: t[0] for v, t in mine.items()}
         assert all(t > 0 for t in ms.values())
         cells = {v[1]: t for v, t in mine.items()}
-        assert cells["a"][1:] == ("-", "-") and cells["b"][1] == "-" and cells["e"][1] == "-"
-        for key, hand in (("c", "b"), ("f", "b"), ("d", "e")):
+        assert cells["a"][1:] == ("-", "-", "-") and cells["b"][1:3] == ("-", "-")
+        assert cells["e"][1] == "-" and cells["g"][1] == "-"
+        for key, hand in (("c", "b"), ("f", "g"), ("d", "e")):
             assert _ratio(cells[key][1]) == pytest.approx(ms[key] / ms[hand], abs=0.01, rel=0.01)
-        for key in "bcdef":
-            assert _ratio(cells[key][2]) == pytest.approx(ms[key] / ms["a"], abs=0.01, rel=0.01)
+        for key in "cdefg":
+            assert _ratio(cells[key][2]) == pytest.approx(ms[key] / ms["b"], abs=0.01, rel=0.01)
+        for key in "bcdefg":
+            assert _ratio(cells[key][3]) == pytest.approx(ms[key] / ms["a"], abs=0.01, rel=0.01)
 
 
 def test_bench_live_gpt2(capsys):
@@ -146,8 +168,8 @@ def test_missing_optional_dependencies_skip_with_one_line(monkeypatch, capsys):
     skips = [line for line in out.splitlines() if "skipping" in line]
     assert len(skips) == 2
     assert "quadprog" in skips[0] and "(d) and (e)" in skips[0] and "transformers" in skips[1] and "gpt2" in skips[1]
-    assert {v for (_, v) in _rows(out)} == {VARIANTS[k] for k in "abcf"}
-    assert "timing 4 variants" in out and "(e) vs (d)" not in out
+    assert {v for (_, v) in _rows(out)} == {VARIANTS[k] for k in "abcfg"}
+    assert "timing 5 variants" in out and "(e) vs (d)" not in out
 
 
 @pytest.mark.parametrize("argv", [["--problems", "mlp9"], ["--problems", ","], ["--steps", "0"]])
