@@ -394,23 +394,35 @@ def time_interleaved(steps_of: dict[str, Callable[[], None]], repeats: int, step
 @dataclass
 class ProblemTimes:
     problem: LiveProblem
-    median: dict[str, float]  # seconds per step, by variant letter
+    times: dict[str, list[float]]  # seconds per step, one per repeat, by variant letter
+
+    @property
+    def median(self) -> dict[str, float]:
+        return {k: statistics.median(ts) for k, ts in self.times.items()}
+
+    def ratio(self, key: str, over: str) -> float | None:
+        """The median over repeats of ``key``'s time over ``over``'s in the same repeat (paired:
+        a load that changes between repeats cancels); None without ``over``."""
+        if over not in self.times:
+            return None
+        return statistics.median(a / b for a, b in zip(self.times[key], self.times[over]))
 
 
 def format_live_table(results: Sequence[ProblemTimes]) -> str:
-    """One row per problem and variant: ms/step, the time over the matching hand loop's and over AdamW's."""
+    """One row per problem and variant: ms/step, and its paired time ratios (``ProblemTimes.ratio``)
+    over the matching hand loop's, the hand SafeGrad loop's and AdamW's."""
     wheres = [f"{res.problem.name} ({res.problem.label}, {res.problem.numel / 1e6:.2f}M)" for res in results]
     width = max([26, *map(len, wheres)])
     head = f"{'problem':{width}s} {'variant':38s} {'ms/step':>9s} {'/ hand':>7s} {'/ (b)':>7s} {'/ AdamW':>8s}"
     lines = [head, "-" * len(head)]
     for res, where in zip(results, wheres):
         for key, t in res.median.items():
-            hand = res.median.get(HAND_FOR.get(key, ""))
-            safegrad = res.median.get("b")
-            adamw = res.median.get("a")
-            vs_hand = f"{t / hand:6.2f}x" if hand else f"{'-':>7s}"
-            vs_b = f"{t / safegrad:6.2f}x" if safegrad and key not in "ab" else f"{'-':>7s}"
-            vs_adamw = f"{t / adamw:7.2f}x" if adamw and key != "a" else f"{'-':>8s}"
+            hand = res.ratio(key, HAND_FOR.get(key, ""))
+            safegrad = res.ratio(key, "b") if key not in "ab" else None
+            adamw = res.ratio(key, "a") if key != "a" else None
+            vs_hand = f"{hand:6.2f}x" if hand else f"{'-':>7s}"
+            vs_b = f"{safegrad:6.2f}x" if safegrad else f"{'-':>7s}"
+            vs_adamw = f"{adamw:7.2f}x" if adamw else f"{'-':>8s}"
             lines.append(f"{where:{width}s} {VARIANTS[key]:38s} {t * 1e3:9.2f} {vs_hand} {vs_b} {vs_adamw}")
     return "\n".join(lines)
 
@@ -460,7 +472,7 @@ def run_live(args: argparse.Namespace) -> int:
                       file=sys.stderr, flush=True)
             return 1
         times = time_interleaved({k: v.step for k, v in variants.items()}, repeats, steps, warmup, device)
-        results.append(ProblemTimes(problem, {k: statistics.median(ts) for k, ts in times.items()}))
+        results.append(ProblemTimes(problem, times))
         backend_used = variants["c"].backend_name
         if len(names) > 1:  # this problem's rows now (a full run takes minutes); the table at the end
             print("\n".join(format_live_table(results[-1:]).splitlines()[2:]), flush=True)
@@ -468,9 +480,10 @@ def run_live(args: argparse.Namespace) -> int:
         f"gradsafe bench --live: AdamW lr {LR:.0e}, fp32, {device_label(device)}, gradsafe backend {backend_used}; "
         f"per problem {repeats} repeats x {steps} steps, round-robin over the variants, median"
         + (" (--quick: tiny models)" if quick else "") + "\n"
-        "ms/step: median over repeats of (a repeat's time / its steps); / hand: ms/step over the matching hand "
-        "loop's ((c) over (b), (f) over (g), (d) over (e)); / (b): over the hand SafeGrad loop's; / AdamW: over "
-        "(a)'s. Time ratios: lower is better.\n"
+        "ms/step: median over repeats of (a repeat's time / its steps). Ratios: the median over repeats of the "
+        "time over another variant's in the same repeat; / hand: over the matching hand loop's ((c) over (b), "
+        "(f) over (g), (d) over (e)); / (b): over the hand SafeGrad loop's; / AdamW: over (a)'s. Time ratios: "
+        "lower is better.\n"
         + format_live_table(results)
         + "\n(b)=(c), (g)=(f) and (d)=(e) were checked to take the same step (tolerance "
         f"{TOLERANCE:.0e} relative); (f) and (g) project AdamW's update, a different step from (b)'s and (c)'s."

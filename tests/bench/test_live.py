@@ -184,3 +184,13 @@ def test_live_with_sweep_is_one_line(capsys):
     assert main(["bench", "--live", "--sweep", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("gradsafe bench: --live")
+
+
+def test_ratios_are_paired_by_repeat(problem):
+    # a repeat slowed by a load that came and went moves both variants: the paired ratio ignores it
+    res = live.ProblemTimes(problem, {"b": [1.0, 1.0, 20.0], "c": [1.0, 2.0, 10.0]})
+    assert res.median == {"b": 1.0, "c": 2.0}
+    assert res.ratio("c", "b") == pytest.approx(1.0)
+    assert res.ratio("c", "e") is None
+    table = live.format_live_table([res])
+    assert "   1.00x" in table.splitlines()[-1]
