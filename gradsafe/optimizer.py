@@ -371,14 +371,15 @@ class ProtectedOptimizer(torch.optim.Optimizer):
                 # parameters: theta_before - u' = theta_after - (u' - u). Two passes fewer than
                 # holding u in the parameters, and no write when the rule leaves u as it is. u
                 # overwrites the snapshot, unless the report reads the update made (fisher_step)
-                fisher = self._recorder.fisher_metrics
-                tensors = [torch.sub(b, p.detach(), out=None if fisher else b) for b, p in zip(before, covered)]
-                record = self._backend.run(plan, tensors, subtract_from=[p.detach() for p in covered])
-                if not fisher:
-                    return plan, record, None
-                for u, b, p in zip(tensors, before, covered):
-                    torch.sub(b, p.detach(), out=u)
-                return plan, record, tensors
+                after = [p.detach() for p in covered]
+                if self._recorder.fisher_metrics:
+                    tensors = torch._foreach_sub(before, after)
+                    record = self._backend.run(plan, tensors, subtract_from=after)
+                    for u, b, p in zip(tensors, before, after):
+                        torch.sub(b, p, out=u)
+                    return plan, record, tensors
+                torch._foreach_sub_(before, after)
+                return plan, self._backend.run(plan, before, subtract_from=after), None
             # the surgery acts on u = theta_before - theta_after, the "gradient-like" direction,
             # in the parameter's own precision (float32 for lower-precision parameters).
             # A float32 / float64 parameter holds u itself while the surgery runs (no buffer,
@@ -434,8 +435,7 @@ class ProtectedOptimizer(torch.optim.Optimizer):
         ):
             buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in covered]
             plan.cache[("structure", "snapshot")] = buffers
-        for b, p in zip(buffers, covered):
-            b.copy_(p.detach())
+        torch._foreach_copy_(buffers, [p.detach() for p in covered])
         return buffers
 
     @torch.compiler.disable
