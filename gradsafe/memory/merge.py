@@ -209,7 +209,11 @@ def refresh_in_place(
     storage = memory.storage
     mean = storage[0]
     fold = memory.fisher is not None and not (fisher_keep == 1.0 and fisher_new == 0.0)
-    for t, sl, fsl in _in_place_columns(layout):
+    columns = _in_place_columns(layout)
+    if not fold and all(grads[t] is not None for t, _, _ in columns):  # the common live case: copies only
+        torch._foreach_copy_([mean[sl] for _, sl, _ in columns], [grads[t].detach().reshape(-1) for t, _, _ in columns])
+        columns = ()
+    for t, sl, fsl in columns:
         g = grads[t]
         row = mean[sl]
         if g is None:
