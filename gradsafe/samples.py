@@ -168,11 +168,18 @@ def sample_norms2(sample: list[torch.Tensor | None], params: Sequence[torch.Tens
     refresh checks the gradient this way and then writes it into the memory's rows in place.
     """
     coverage, device = _validate([sample], params, name, coverage)
-    flat = [None if sample[i] is None else sample[i].detach().reshape(-1).to(device=device, dtype=torch.float32) for i in coverage]
+    flat = [None if sample[i] is None else _flat32(sample[i], device) for i in coverage]
     sums = [torch.dot(g, g) if g is not None else torch.zeros((), device=device) for g in flat]
-    norms2 = torch.stack(sums)
-    _check_norms(norms2, lambda: [g for g in flat if g is not None], name, fisher_later=False)
-    return norms2.double().cpu().numpy()
+    host = torch.stack(sums).double().cpu().numpy()
+    if not np.isfinite(host).all():
+        _check_norms(torch.from_numpy(host), lambda: [g for g in flat if g is not None], name, fisher_later=False)
+    return host
+
+
+def _flat32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` flattened, as float32 on ``device`` (itself, viewed, when it already is)."""
+    t = t.detach().reshape(-1)
+    return t if t.dtype == torch.float32 and t.device == device else t.to(device=device, dtype=torch.float32)
 
 
 def bases_by_index(bases: Any, params: list[torch.Tensor], name: str) -> dict[int, FactorMemory]:
