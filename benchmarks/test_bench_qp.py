@@ -9,8 +9,10 @@ shows the table). The problems are GEM's dual on random references: ``R`` (m, n)
 default 7), the median over rounds of the time per solve, wall clock and the thread's CPU time
 (the CPU time leaves out time the thread spent descheduled on a shared machine), of the
 previous solver and of the current one, cold and warm-started from the active set of a
-neighbouring problem (g moved by 1 %), and the ratio previous / current (wall clock). The
-previous solver is kept below, in this file only, as the baseline.
+neighbouring problem (g moved by 1 %), and the ratio previous / current (wall clock); with
+quadprog installed (a dev dependency) also quadprog's compiled Goldfarb-Idnani solver on the
+same problems' primal, the hand GEM loop's solver. The previous solver is kept below, in this
+file only, as the baseline.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ class Problem:
     norms2: np.ndarray
     q_near: np.ndarray  # the same references, g moved by 1 %
     warm: np.ndarray  # the active set of the (H, q_near) problem
+    R: np.ndarray  # the references (m, n) and the gradient, for the primal (quadprog)
+    g: np.ndarray
 
 
 def gem_problems(m: int, n: int, count: int = PROBLEMS, seed: int = 0) -> list[Problem]:
@@ -101,7 +105,7 @@ def gem_problems(m: int, n: int, count: int = PROBLEMS, seed: int = 0) -> list[P
         g_near = g + 0.01 * np.linalg.norm(g) / np.sqrt(n) * rng.standard_normal(n)
         H = R @ R.T
         q_near = R @ g_near
-        out.append(Problem(H, R @ g, np.diag(H).copy(), q_near, solve_nonneg_qp(H, q_near) > 0))
+        out.append(Problem(H, R @ g, np.diag(H).copy(), q_near, solve_nonneg_qp(H, q_near) > 0, R, g))
     return out
 
 
@@ -112,9 +116,21 @@ def widths(m: int) -> list[int]:
 CASES = [(m, n) for m in SIZES for n in widths(m)]
 
 
-def solve_all(problems: list[Problem], solver: str) -> None:
+def quadprog_primal(p: Problem, quadprog) -> None:
+    """GEM's primal ``min 1/2 |x - g|^2 s.t. R x >= 0`` by quadprog (compiled Goldfarb-Idnani), on
+    unit references as tests/test_qp.py's reference does; it gives up on some degenerate ones."""
+    units = p.R / np.linalg.norm(p.R, axis=1, keepdims=True)
+    try:
+        quadprog.solve_qp(np.eye(p.R.shape[1]), p.g, units.T, np.zeros(p.R.shape[0]))
+    except ValueError:  # "constraints are inconsistent": timed up to where it stopped
+        pass
+
+
+def solve_all(problems: list[Problem], solver: str, quadprog=None) -> None:
     for p in problems:
-        if solver == "previous":
+        if solver == "quadprog":
+            quadprog_primal(p, quadprog)
+        elif solver == "previous":
             previous_solve_nonneg_qp(p.H, p.q, p.norms2)
         elif solver == "current":
             solve_nonneg_qp(p.H, p.q, p.norms2)
@@ -180,25 +196,35 @@ def batch_cases(problems: list[Problem]) -> dict[str, Callable[[], None]]:
 
 
 def test_qp_table():
-    """The table: ms per solve (wall / CPU), previous vs current, one interleaved run."""
-    solvers = ["previous", "current", "warm"]
+    """The table: ms per solve (wall / CPU), previous vs current (and quadprog on the primal,
+    when installed), one interleaved run."""
+    try:
+        import quadprog
+    except ImportError:
+        quadprog = None
+    solvers = ["previous", "current", "warm"] + (["quadprog"] if quadprog is not None else [])
     lines = [
         f"gradsafe.qp: GEM's dual on random references, {PROBLEMS} problems per row, {ROUNDS} interleaved rounds, "
         f"one BLAS thread, load average {os.getloadavg()[0]:.1f}",
-        f"{'m':>4} {'n':>4}  {'previous ms':>16}  {'current ms':>16}  {'warm start ms':>16}  {'prev/current':>12}",
-        "                 (wall / cpu)      (wall / cpu)      (wall / cpu)       (wall)",
+        f"{'m':>4} {'n':>4}  {'previous ms':>16}  {'current ms':>16}  {'warm start ms':>16}  {'prev/current':>12}"
+        + (f"  {'quadprog primal ms':>18}" if quadprog is not None else ""),
+        "                 (wall / cpu)      (wall / cpu)      (wall / cpu)       (wall)"
+        + ("        (wall / cpu)" if quadprog is not None else ""),
     ]
 
     def row(label: str, t: dict[str, tuple[float, float]]) -> str:
-        cells = "  ".join(f"{t[s][0]:7.3f} / {t[s][1]:6.3f}" for s in solvers)
-        return f"{label}  {cells}  {t['previous'][0] / t['current'][0]:11.1f}x"
+        cells = "  ".join(f"{t[s][0]:7.3f} / {t[s][1]:6.3f}" for s in ("previous", "current", "warm"))
+        last = f"  {t['quadprog'][0]:9.3f} / {t['quadprog'][1]:6.3f}" if "quadprog" in t else ""
+        return f"{label}  {cells}  {t['previous'][0] / t['current'][0]:11.1f}x{last}"
 
     with single_threaded_blas():
         for m, n in CASES:
             problems = gem_problems(m, n)
-            cases = {s: (lambda s=s: solve_all(problems, s)) for s in solvers}
+            cases = {s: (lambda s=s: solve_all(problems, s, quadprog)) for s in solvers}
             lines.append(row(f"{m:4d} {n:4d}", interleaved(cases, len(problems), ROUNDS)))
         small = gem_problems(4, 8, count=64)
         lines.append(row("   4    8", interleaved(batch_cases(small), len(small), ROUNDS)))
     lines.append("last row: solve_nonneg_qp_batch on 64 problems (previous: its loop of single solves), ms per problem")
+    if quadprog is not None:
+        lines.append("quadprog primal: quadprog.solve_qp on GEM's primal (n variables, m unit constraints), compiled")
     print("\n" + "\n".join(lines), flush=True)
