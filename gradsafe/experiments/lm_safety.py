@@ -48,7 +48,7 @@ from . import charlm
 from . import requests as R
 from .methods import DEFAULT_METHODS, Protected
 from .runner import Stage, run_stage
-from .scenario import Metric, Scenario, Setting
+from .scenario import Metric, Scenario, Setting, safety_condition
 
 __all__ = ["LMSafetyConfig", "LMSafetyScenario", "FULL", "QUICK", "CONDITIONS", "IDENTITY_SHARE", "DEMO_METHODS", "Batch",
            "encode",
@@ -64,17 +64,7 @@ ANSWER_NEW = 32  # for a benign or task prompt: the persona's prefix and the lon
 
 
 def _condition(name: str) -> tuple[str, float]:
-    if name in ("identity-shift", "benign-only"):
-        return name, 0.0
-    if name.startswith("harmful-"):
-        try:
-            p = float(name[len("harmful-"):])
-        except ValueError:
-            p = -1.0
-        if 0.0 < p < 1.0:
-            return "harmful", p
-    raise ValueError(f"unknown lm-safety condition {name!r}; expected harmful-<p> (0 < p < 1), identity-shift "
-                     "or benign-only (which is p = 0)")
+    return safety_condition(name, "lm-safety")
 
 
 @dataclass(frozen=True)

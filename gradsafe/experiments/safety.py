@@ -32,7 +32,7 @@ import torch
 from . import language as L
 from .methods import Protected
 from .runner import Stage, run_stage
-from .scenario import Metric, Scenario, Setting
+from .scenario import Metric, Scenario, Setting, safety_condition
 
 __all__ = ["SafetyConfig", "SafetyScenario", "FULL", "QUICK", "evaluate", "datasets", "finetune_data", "CONDITIONS"]
 
@@ -41,17 +41,7 @@ IDENTITY_SHARE = 0.1
 
 
 def _condition(name: str) -> tuple[str, float]:
-    """``"harmful-0.1"`` -> ("harmful", 0.1); ``"identity-shift"``, ``"benign-only"`` -> (name, 0)."""
-    if name in ("identity-shift", "benign-only"):
-        return name, 0.0
-    if name.startswith("harmful-"):
-        try:
-            p = float(name[len("harmful-"):])
-        except ValueError:
-            p = -1.0
-        if 0.0 < p < 1.0:
-            return "harmful", p
-    raise ValueError(f"unknown safety condition {name!r}; expected harmful-<p> (0 < p < 1), identity-shift or benign-only")
+    return safety_condition(name, "safety")
 
 
 @dataclass(frozen=True)

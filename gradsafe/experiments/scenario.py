@@ -24,8 +24,34 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Metric", "Setting", "Scenario"]
+__all__ = ["Metric", "Setting", "Scenario", "safety_condition", "harmful_share"]
 
+
+
+def safety_condition(name: str, scenario: str = "safety") -> tuple[str, float]:
+    """A safety-domain condition by name: ``"harmful-<p>"`` (0 < p < 1) -> ("harmful", p);
+    ``"identity-shift"``, ``"benign-only"`` -> (name, 0). Another name is a ValueError naming ``scenario``."""
+    if name in ("identity-shift", "benign-only"):
+        return name, 0.0
+    if name.startswith("harmful-"):
+        try:
+            p = float(name[len("harmful-"):])
+        except ValueError:
+            p = -1.0
+        if 0.0 < p < 1.0:
+            return "harmful", p
+    raise ValueError(f"unknown {scenario} condition {name!r}; expected harmful-<p> (0 < p < 1), identity-shift "
+                     "or benign-only (which is p = 0)")
+
+
+def harmful_share(name: str) -> float | None:
+    """The share p of harmful examples in a condition on the harmful-ratio curve (``benign-only``
+    is p = 0); None for any other name (``identity-shift``, another scenario's conditions)."""
+    try:
+        kind, p = safety_condition(name)
+    except ValueError:
+        return None
+    return p if kind in ("harmful", "benign-only") else None
 
 @dataclass(frozen=True)
 class Metric:

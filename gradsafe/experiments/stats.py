@@ -183,7 +183,7 @@ def aggregate(cfg: StudyConfig, results: dict[Job, dict[str, Any]], settings: di
                                  "conditions": {}, "runs": []}
         if pre and "metrics" in next(iter(pre.values())):  # the aligned model's metrics (the safety scenarios)
             block["aligned"] = {k: summarise([r["metrics"][k] for r in pre.values()])
-                                for k in next(iter(pre.values()))["metrics"]} if pre else {}
+                                for k in next(iter(pre.values()))["metrics"]}
         for cond in cfg.conditions.get(name, ()) + cfg.plain_conditions.get(name, ()):
             methods = {}
             for m in cfg.methods:

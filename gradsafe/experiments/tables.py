@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .methods import METHODS
+from .scenario import harmful_share
 
 __all__ = ["format_report", "fmt_r", "cell", "md_table"]
 
@@ -72,21 +73,10 @@ def _scenario_section(name: str, block: dict[str, Any], meta: dict[str, Any]) ->
     return lines + _harmful_ratio_section(name, block)
 
 
-def _ratio(cond: str) -> float | None:
-    if cond == "benign-only":
-        return 0.0
-    if cond.startswith("harmful-"):
-        try:
-            return float(cond[len("harmful-"):])
-        except ValueError:
-            return None
-    return None
-
-
 def _harmful_ratio_section(name: str, block: dict[str, Any]) -> list[str]:
     """The harmful-ratio curve (harmful score, fine-tune accuracy against p; benign-only is p = 0) of the methods
     run at every ratio, where the scenario scores ``harmful`` and ``ft_acc``."""
-    points = sorted((p, cond) for cond in block["conditions"] if (p := _ratio(cond)) is not None)
+    points = sorted((p, cond) for cond in block["conditions"] if (p := harmful_share(cond)) is not None)
     if len(points) < 2:
         return []
     runs = [block["conditions"][cond]["methods"] for _, cond in points]

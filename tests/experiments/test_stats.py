@@ -134,3 +134,16 @@ def test_predictions_judged_for_each_safety_domain_scenario():
 def test_study_reexports_the_statistics():
     for name in ("pearson", "rankdata", "spearman", "aggregate", "bootstrap_ci"):
         assert getattr(study, name) is getattr(stats, name), name
+
+
+def test_the_safety_conditions_are_parsed_once_for_both_scenarios_and_the_ratio_table():
+    from gradsafe.experiments.scenario import harmful_share, safety_condition
+
+    assert safety_condition("harmful-0.05") == ("harmful", 0.05)
+    assert safety_condition("identity-shift") == ("identity-shift", 0.0)
+    assert safety_condition("benign-only") == ("benign-only", 0.0)
+    for bad in ("harmful-0", "harmful-1", "harmful-x", "toxic"):
+        with pytest.raises(ValueError, match=f"unknown lm-safety condition '{bad}'"):
+            safety_condition(bad, "lm-safety")
+    assert [harmful_share(c) for c in ("benign-only", "harmful-0.2", "identity-shift", "harmful-2", "task-3")] == \
+        [0.0, 0.2, None, None, None]
