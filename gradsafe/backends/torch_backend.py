@@ -231,7 +231,7 @@ def _apply_pass(chunk: _Chunk, targets: list[torch.Tensor], W: torch.Tensor, fre
             h.addmv_(rows_t, W[live])
 
 
-def _check_subtract(plan: Plan, tensors: list[torch.Tensor], targets: list[torch.Tensor], allowed: bool) -> None:
+def _check_subtract(tensors: list[torch.Tensor], targets: list[torch.Tensor], allowed: bool) -> None:
     if not allowed:
         raise ValueError("subtract_from needs a plan without damping or factored parts (can_subtract)")
     if len(targets) != len(tensors):
@@ -329,7 +329,7 @@ class TorchBackend:
         ``subtract_from`` tensor instead (space "update": ``u`` in, the parameters changed).
         """
         if subtract_from is not None:
-            _check_subtract(plan, tensors, subtract_from, self.can_subtract(plan))
+            _check_subtract(tensors, subtract_from, self.can_subtract(plan))
         compiling = torch.compiler.is_compiling()
         chunks, threads = self._split(plan, compiling)
         views = _views(plan, chunks)
