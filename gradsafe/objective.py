@@ -5,8 +5,10 @@
 ``refresh``, ``set_bases``, ``shard_to``, ``unshard``); ``version`` counts the
 replacements, so that a plan built on an older memory is rebuilt. One update does not
 replace it: a live reference's refresh whose memory keeps its shape (``refresh_in_place``)
-writes the fresh gradient into the record's rows; ``rows_version`` counts those, so that a
-plan over the same rows updates only the numbers that depend on them. The refresh schedule
+writes the fresh gradient into the record's rows, or on the CPU lends it to the step
+(``lent_rows``: the rows are the gradient's own tensors until the memory is read);
+``rows_version`` counts those, so that a plan over the same rows updates only the numbers
+that depend on them. The refresh schedule
 of a closure objective is a separate record (``gradsafe.refresh.RefreshState``).
 """
 
@@ -22,7 +24,7 @@ import torch
 
 from . import memory as mem
 from .factored import FactorMemory
-from .memory.merge import refresh_in_place, refreshes_in_place
+from .memory.merge import lends_rows, refresh_in_place, refreshes_in_place
 from .memory.state import MEMORY_KEYS, MEMORY_OPTIONAL_KEYS, StateDictError, check_int, check_layout
 from .operators.base import RowSpan
 from .operators.damping import keeps_fisher, normalized
@@ -66,6 +68,10 @@ class ProtectedObjective:
         # of two (F = d F + (1 - d) g^2). Reading the memory folds the factor back in.
         self._fisher_scale = 1.0
         self._fisher_bound: float | None = None  # an upper bound of the Fisher's entries
+        # A live reference's fresh gradient lent to the step instead of copied into the rows
+        # (per covered tensor, flat): the record's row is stale while it is set; reading the
+        # memory writes it in (``lent_rows``)
+        self._lent: tuple[torch.Tensor, ...] | None = None
         self.closure = closure
         self.had_closure = closure is not None
         self.param_bytes = 4 * self.layout.numel  # the covered parameters' own bytes (set by the optimizer)
@@ -153,11 +159,11 @@ class ProtectedObjective:
 
     @property
     def mean_ref(self) -> torch.Tensor | None:
-        return self._memory.mean_ref
+        return self.memory.mean_ref
 
     @property
     def sample_refs(self) -> torch.Tensor | None:
-        return self._memory.sample_refs
+        return self.memory.sample_refs
 
     @property
     def energies(self) -> torch.Tensor | None:
@@ -169,9 +175,13 @@ class ProtectedObjective:
 
     @property
     def memory(self) -> mem.Memory:
-        """The memory record (its Fisher as the record says: a pending decay factor is folded in)."""
+        """The memory record, as it says: a pending decay factor of the Fisher is folded in, and
+        lent rows are written into the storage."""
         if self._fisher_scale != 1.0:
             self._fold_fisher()
+        if self._lent is not None:
+            lent, self._lent = self._lent, None
+            refresh_in_place(self._memory, self.layout, lent, 1.0, 0.0)
         return self._memory
 
     @memory.setter
@@ -179,6 +189,14 @@ class ProtectedObjective:
         self._memory = memory
         self._fisher_scale = 1.0
         self._fisher_bound = None
+        self._lent = None
+
+    @property
+    def lent_rows(self) -> tuple[torch.Tensor, ...] | None:
+        """The live reference's rows when its last refresh lent them (``refresh_in_place``):
+        per covered tensor, the fresh gradient flattened (its own tensor, no copy), which the
+        step reads instead of the record's row until the memory is read. None otherwise."""
+        return self._lent
 
     def _fold_fisher(self) -> None:
         self._memory.fisher.mul_(self._fisher_scale)
@@ -206,7 +224,7 @@ class ProtectedObjective:
 
     @property
     def _storage(self) -> torch.Tensor | None:
-        return self._memory.storage
+        return self.memory.storage
 
     def normalized_fisher(self) -> torch.Tensor:
         """The Fisher scaled to mean 1 over all covered entries (of all ranks when sharded)."""
@@ -222,7 +240,7 @@ class ProtectedObjective:
         references="samples", the kept samples.
         """
         span = self.row_span()
-        return self._memory.storage[span.start : span.stop], span.n_basis, span.n_mean, span.n_refs
+        return self.memory.storage[span.start : span.stop], span.n_basis, span.n_mean, span.n_refs
 
     def row_span(self) -> RowSpan:
         m = self._memory
@@ -271,7 +289,11 @@ class ProtectedObjective:
         return refreshes_in_place(self._memory, self.layout, self.config)
 
     def refresh_in_place(self, grads: Sequence[torch.Tensor | None], norms2: np.ndarray, fisher_read: bool = True) -> None:
-        """Refresh from one fresh gradient by writing it into the memory's rows (same record).
+        """Refresh from one fresh gradient by writing it into the memory's rows (same record),
+        or by lending it (``lent_rows``, ``gradsafe.memory.merge.lends_rows``: on the CPU,
+        where the copy would be a pass at memory speed that the hand-written loop does not
+        make; the memory keeps its stale row until it is read, the lent tensors alive until
+        the next refresh).
 
         ``grads``: per covered tensor (coverage order), None for 0; ``norms2``: their squared
         norms, which the caller computed while checking that they are finite (the plan takes
@@ -296,7 +318,12 @@ class ProtectedObjective:
             keep, new = 0.0, 1.0  # F = g^2, written over the new buffer
         else:
             keep, new = self._fisher_weights(memory.fisher, largest_square)
-        self._memory = refresh_in_place(memory, self.layout, grads, keep, new)
+        if lends_rows(memory, grads, keep, new):
+            self._lent = tuple(g.detach().view(-1) for g in grads)
+            self._memory = memory if memory.num_samples == 1 else replace(memory, num_samples=1)
+        else:
+            self._lent = None
+            self._memory = refresh_in_place(memory, self.layout, grads, keep, new)
         span = self.row_span()
         ones = np.ones((span.stop - span.start,) * 2)  # every row read is a copy of the gradient
         self.row_grams = {i: float(n) * ones for i, n in zip(self.coverage, norms2)}

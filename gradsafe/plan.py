@@ -70,17 +70,29 @@ class Block:
     constraint: tuple[int, ...] = ()  # rows that are conflict constraints
     live_rows: slice = field(default_factory=lambda: slice(0, 0))  # the contiguous rows that can get non-zero weights
     kind: str = "flat"
-    operands: list | None = None  # per tensor, "lowrank" and "stats" blocks: a LowRankRow or dense rows
+    operands: list | None = None  # per tensor: a LowRankRow or dense rows ("lowrank", "stats"; "flat": lent rows)
     n_stats: int = 0  # "stats" blocks: coefficients per tensor
     factors: list | None = None  # stats blocks: per tensor its FactorMemory
     factor_strength: float | None = None  # stats blocks: the factored operator's strength (None: it measures)
     rho: float = 0.0  # SafeGrad's weight: rho times the mean reference joins the step after the surgery
+    coverage_ids: tuple[int, ...] = ()  # "flat" blocks: each tensor's position in the objective's coverage
 
     @property
     def num_rows(self) -> int:
         if self.n_stats:
             return self.n_stats
         return self.rows.shape[0] if self.operands is None else 1
+
+    def dense_rows(self) -> torch.Tensor:
+        """The block's rows over the objective's flat memory, ``(r, N_flat)``: ``rows`` itself, or
+        (a "flat" block reading lent rows, ``Plan.update_rows``) a new tensor of the operands
+        in their columns (columns of tensors outside the step are zero)."""
+        if self.operands is None:
+            return self.rows
+        out = self.rows.new_zeros(self.rows.shape)
+        for op, sl in zip(self.operands, self.slices):
+            out[:, sl] = op
+        return out
 
     def operand(self, t: int) -> "torch.Tensor | LowRankRow":
         """All of the block's rows on its ``t``-th tensor: dense ``(r, n_t)`` or a ``LowRankRow``."""
@@ -157,21 +169,41 @@ class Plan:
         """Whether the plan has factored parts (operators or low-rank rows): torch backend only."""
         return bool(self.factor_ops) or any(b.kind != "flat" for b in self.blocks)
 
-    def update_rows(self, changed: Collection[int], own_grams: Mapping[tuple[str, int], np.ndarray] | None = None) -> None:
-        """Blocks ``changed`` read rows that were rewritten in place (same storage, same shape):
-        update the numbers that depend on them, and nothing else.
+    def update_rows(
+        self,
+        changed: Collection[int],
+        own_grams: Mapping[tuple[str, int], np.ndarray] | None = None,
+        lent: Mapping[str, Sequence[torch.Tensor] | None] | None = None,
+    ) -> None:
+        """Blocks ``changed`` read rows that were rewritten in place (same storage, same shape)
+        or lent: update the numbers that depend on them, and nothing else.
 
-        The blocks' views already see the new rows. The rule updates their entries of its
-        tensor Grams and the matrices of their components (``HostRule.update_rows``); the
-        report's constants, if built, their entries (``ReportConstants.update``). Backends'
-        entries of ``cache`` are dropped (uploads of the rule's matrices, the kernels' tables,
-        are stale), except those keyed ``("structure", ...)``: views of the same storage, which
-        the rewrite leaves valid (the torch backend's). ``own_grams``: per (objective name, parameter
-        index), the Gram of a changed block's own rows on it, when the caller knows it (a refresh that
-        wrote one gradient into every row it reads knows its norms). Unsharded plans only.
+        ``lent``: per objective name, its lent rows (``ProtectedObjective.lent_rows``, per
+        covered tensor; None: its storage holds them again); a "flat" block of a name in it reads
+        them as its operands from now on. Otherwise the blocks' views already see the new rows.
+        The rule updates their entries of its tensor Grams and the matrices of their components
+        (``HostRule.update_rows``); the report's constants, if built, their entries
+        (``ReportConstants.update``). Backends' entries of ``cache`` are dropped (uploads of the
+        rule's matrices, the kernels' tables, are stale), except those keyed ``("structure", ...)``:
+        views of the same rows, which a rewrite leaves valid (the torch backend's); a block whose
+        operands changed drops those too. ``own_grams``: per (objective name, parameter index), the
+        Gram of a changed block's own rows on it, when the caller knows it (a refresh that wrote
+        one gradient into every row it reads knows its norms). Unsharded plans only.
         """
         if self.shard is not None:
             raise ValueError("a sharded plan's Grams are summed across ranks: rebuild it instead")
+        moved = False  # whether a block's operands are other tensors now
+        for bi in changed:
+            b = self.blocks[bi]
+            if lent is None or b.kind != "flat" or b.name not in lent:
+                continue
+            rows = lent[b.name]
+            if rows is None:
+                moved = moved or b.operands is not None
+                b.operands = None
+            else:
+                b.operands = [rows[c].view(1, -1) for c in b.coverage_ids]
+                moved = True
         hint = None
         if own_grams:
             def hint(bi: int, t: int) -> np.ndarray | None:
@@ -179,7 +211,7 @@ class Plan:
                 return own_grams.get((b.name, self.param_indices[b.positions[t]]))
         self.rule.update_rows(changed, hint)
         report = self.cache.get("report")
-        kept = {k: v for k, v in self.cache.items() if isinstance(k, tuple) and k[:1] == ("structure",)}
+        kept = {} if moved else {k: v for k, v in self.cache.items() if isinstance(k, tuple) and k[:1] == ("structure",)}
         self.cache.clear()
         self.cache.update(kept)
         if report is not None:
@@ -246,7 +278,8 @@ def build_plan(
         if flat:
             # flat bases of a factored objective are per tensor
             scope = "tensor" if cfg.scope == "factored" else cfg.scope
-            add(Block(rows=rows, positions=[p for p, _ in flat], slices=[sl for _, sl in flat], scope=scope, **base, **ruled))
+            add(Block(rows=rows, positions=[p for p, _ in flat], slices=[sl for _, sl in flat], scope=scope,
+                      coverage_ids=tuple(obj.flat_index[j] for j in in_step), **base, **ruled))
         if mats:
             add(Block(rows=None, positions=[p for p, _ in mats], slices=[None] * len(mats), kind="stats", scope="global",
                       operands=[obj.factors[t].reference_row() for _, t in mats], n_stats=NUM_STATS,

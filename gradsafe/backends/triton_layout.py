@@ -49,7 +49,8 @@ class TritonLayout(KernelLayout):
 
 
 def _rounded_rule(plan: Plan, dtype: torch.dtype) -> HostRule:
-    blocks = [replace(b, rows=b.rows.to(dtype).to(torch.float32)) for b in plan.blocks]
+    # every block is "flat" here (the Triton backend takes no factored plan); lent rows become stored ones
+    blocks = [replace(b, rows=b.dense_rows().to(dtype).to(torch.float32), operands=None) for b in plan.blocks]
     return HostRule(blocks, plan.touching)
 
 
@@ -58,7 +59,7 @@ def _stored_rows(plan: Plan, dtype: torch.dtype, device: torch.device):
     out = []
     for b in plan.blocks:
         if dtype == torch.float32:
-            rows = b.rows
+            rows = b.dense_rows()
             if rows.device != device or rows.dtype != torch.float32 or (rows.shape[1] > 1 and rows.stride(1) != 1):
                 rows = rows.to(device=device, dtype=torch.float32).contiguous()
             cols = [sl.start for sl in b.slices]
@@ -68,7 +69,7 @@ def _stored_rows(plan: Plan, dtype: torch.dtype, device: torch.device):
             cols = [int(c) for c in np.concatenate([[0], np.cumsum(widths)[:-1]])] if widths else []
             total = max(sum(widths), 1)
             stored = torch.zeros(b.num_rows, total, dtype=dtype, device=device)
-            src = b.rows.to(device)
+            src = b.dense_rows().to(device)
             for sl, c in zip(b.slices, cols):
                 stored[:, c : c + sl.stop - sl.start] = src[:, sl].to(dtype)
             out.append((stored, cols, total, 2))

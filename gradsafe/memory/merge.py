@@ -33,7 +33,7 @@ from .shard import shard, unshard
 if TYPE_CHECKING:  # pragma: no cover
     from ..options import ObjectiveConfig
 
-__all__ = ["merge", "from_bases", "check_packed", "all_finite", "reads_basis", "refreshes_in_place", "refresh_in_place"]
+__all__ = ["merge", "from_bases", "check_packed", "all_finite", "reads_basis", "refreshes_in_place", "lends_rows", "refresh_in_place"]
 
 
 def check_packed(S: torch.Tensor, numel: int, name: str) -> None:
@@ -181,6 +181,27 @@ def refreshes_in_place(memory: Memory, layout: ObjectiveLayout, config: "Objecti
         return False
     kept = min(1, config.rank) if config.references == "samples" else 0
     return memory.storage.shape[0] == 1 + kept and memory.has_samples == (config.references == "samples")
+
+
+def lends_rows(memory: Memory, grads: "Sequence[torch.Tensor | None]", fisher_keep: float, fisher_new: float) -> bool:
+    """Whether an in-place refresh (``refreshes_in_place`` holds) lends ``grads`` to the step
+    instead of copying them into the rows (``ProtectedObjective.lent_rows``).
+
+    On the CPU, when the rows are the mean reference alone, the Fisher takes no pass, and
+    every covered tensor has a gradient that is contiguous float32 on the memory's device:
+    then the gradient's own tensors are the rows' values, and the copy (a pass over N at
+    memory speed there, which a hand-written loop does not make) is left out. On a GPU the
+    copy costs microseconds; keeping the gradient alive across the next backward would cost
+    N more floats of its memory.
+    """
+    storage = memory.storage
+    if storage.device.type != "cpu" or storage.dtype != torch.float32 or memory.has_samples or storage.shape[0] != 1:
+        return False
+    if memory.fisher is not None and not (fisher_keep == 1.0 and fisher_new == 0.0):
+        return False
+    return all(
+        g is not None and g.dtype == torch.float32 and g.device == storage.device and g.is_contiguous() for g in grads
+    )
 
 
 @functools.lru_cache(maxsize=256)

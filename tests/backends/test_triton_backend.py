@@ -29,6 +29,8 @@ from torch import nn  # noqa: E402
 from _reference import all_params, constraint_rows, flatten, reference_flat, step_capture  # noqa: E402
 from _triton_helpers import (  # noqa: E402
     DEVICE,
+    FP32_TOL,
+    LOWP_TOL,
     SHAPES,
     SMALL,
     _CpuView,
@@ -239,6 +241,38 @@ def test_space_update_with_adamw():
         U = opt_t.objectives["a"].basis.double()
         assert float(delta.norm()) > 0
         assert float((U @ delta).norm() / delta.norm()) <= 1e-4
+
+
+# ---------------------------------------------------------------------------- a live reference
+@pytest.mark.parametrize("basis_dtype", [torch.float32, torch.bfloat16])
+def test_live_reference_refreshed_every_step_steps_like_the_torch_backend(basis_dtype):
+    """A-GEM with a closure refreshed every step beside a project objective: on CPU tensors the
+    refresh lends its gradient (``lent_rows``), which the kernels' stored rows take from the plan."""
+
+    def run(backend):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DEVICE)
+        params = list(model.parameters())
+        gen = torch.Generator().manual_seed(3)
+        align = torch.Generator().manual_seed(4)  # a new alignment batch at every refresh
+        opt = ProtectedOptimizer(torch.optim.SGD(params, lr=0.1), backend=backend)
+        opt.protect("old", [[torch.randn(p.shape, generator=gen).to(DEVICE) for p in params] for _ in range(2)],
+                    mode="project", rank=2)
+        opt.protect("live", closure=lambda: model(torch.randn(6, 5, generator=align).to(DEVICE)).pow(2).mean(),
+                    mode="conflict", refresh_every=1)
+        for _ in range(4):
+            opt.zero_grad()
+            (-model(torch.randn(6, 5, generator=gen).to(DEVICE)).pow(2).mean()).backward()
+            opt.step()
+        return opt, [p.detach().cpu() for p in params]
+
+    tri, a = run(TritonBackend(basis_dtype=basis_dtype, config=SMALL))
+    _, b = run(TorchBackend())
+    assert tri.objectives["live"].rows_version == 3 and not tri._backend.last_host_rule
+    assert (tri.objectives["live"].lent_rows is not None) == (DEVICE.type == "cpu")
+    tol = FP32_TOL if basis_dtype == torch.float32 else LOWP_TOL
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
 
 
 # ---------------------------------------------------------------------------- the host-rule fallback
