@@ -78,9 +78,9 @@ class ProtectedObjective:
         self.num_refreshes = 0
         self.version = 0  # memory records replaced: a plan over an older one is rebuilt
         self.rows_version = 0  # rows rewritten in place: a plan over them updates its numbers
-        # per covered parameter index: the Gram of the rows the step reads, on that parameter,
-        # as of rows_version (known for free after an in-place refresh; empty otherwise)
-        self.row_grams: dict[int, np.ndarray] = {}
+        # per covered tensor (coverage order), as of rows_version: when every row the step reads is
+        # a copy of one gradient (after an in-place refresh), its squared norm there; else None
+        self.row_norms2: np.ndarray | None = None
         self.schedule = RefreshState()
         # EWC's anchor theta*: per covered tensor (this rank's part when sharded), in the
         # parameter's own dtype; None unless the objective has an EWC penalty
@@ -257,7 +257,7 @@ class ProtectedObjective:
         """
         self.memory = memory
         self.version += 1
-        self.row_grams = {}
+        self.row_norms2 = None
 
     def add_samples(self, S: torch.Tensor) -> None:
         """Merge packed samples ``S`` (m, N) into the memory (basis union, running mean, online Fisher)."""
@@ -324,9 +324,7 @@ class ProtectedObjective:
         else:
             self._lent = None
             self._memory = refresh_in_place(memory, self.layout, grads, keep, new)
-        span = self.row_span()
-        ones = np.ones((span.stop - span.start,) * 2)  # every row read is a copy of the gradient
-        self.row_grams = {i: float(n) * ones for i, n in zip(self.coverage, norms2)}
+        self.row_norms2 = np.asarray(norms2, dtype=np.float64)  # every row read is a copy of the gradient
         self.rows_version += 1
         self.num_refreshes += 1
 

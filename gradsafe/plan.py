@@ -153,6 +153,7 @@ class Plan:
     versions: tuple[int, ...] = field(default_factory=tuple)  # the objectives' memory versions (structure)
     rows_versions: tuple[int, ...] = field(default_factory=tuple)  # and their in-place row rewrites
     active: frozenset[int] = frozenset()
+    operands_version: int = 0  # counts the times a block took other tensors as operands (lent rows)
     # backends keep per-plan views and uploads here; the report its constants ("report")
     cache: dict = field(default_factory=dict)
 
@@ -172,7 +173,7 @@ class Plan:
     def update_rows(
         self,
         changed: Collection[int],
-        own_grams: Mapping[tuple[str, int], np.ndarray] | None = None,
+        row_norms2: Mapping[str, np.ndarray | None] | None = None,
         lent: Mapping[str, Sequence[torch.Tensor] | None] | None = None,
     ) -> None:
         """Blocks ``changed`` read rows that were rewritten in place (same storage, same shape)
@@ -185,10 +186,10 @@ class Plan:
         (``HostRule.update_rows``); the report's constants, if built, their entries
         (``ReportConstants.update``). Backends' entries of ``cache`` are dropped (uploads of the
         rule's matrices, the kernels' tables, are stale), except those keyed ``("structure", ...)``:
-        views of the same rows, which a rewrite leaves valid (the torch backend's); a block whose
-        operands changed drops those too. ``own_grams``: per (objective name, parameter index), the
-        Gram of a changed block's own rows on it, when the caller knows it (a refresh that wrote
-        one gradient into every row it reads knows its norms). Unsharded plans only.
+        views of the same rows, which a rewrite leaves valid (the torch backend's; when a block's
+        operands changed, ``operands_version`` tells it to point them at the new ones). ``row_norms2``: per objective name, when every row it reads
+        is a copy of one gradient (a live reference's refresh), that gradient's squared norm per
+        covered tensor (coverage order): its own Gram entries come from them. Unsharded plans only.
         """
         if self.shard is not None:
             raise ValueError("a sharded plan's Grams are summed across ranks: rebuild it instead")
@@ -204,14 +205,17 @@ class Plan:
             else:
                 b.operands = [rows[c].view(1, -1) for c in b.coverage_ids]
                 moved = True
-        hint = None
-        if own_grams:
-            def hint(bi: int, t: int) -> np.ndarray | None:
-                b = self.blocks[bi]
-                return own_grams.get((b.name, self.param_indices[b.positions[t]]))
-        self.rule.update_rows(changed, hint)
+        copies = {}
+        for bi in changed:
+            b = self.blocks[bi]
+            norms = None if row_norms2 is None else row_norms2.get(b.name)
+            if norms is not None and b.kind == "flat":
+                copies[bi] = norms[list(b.coverage_ids)]
+        self.rule.update_rows(changed, copies)
         report = self.cache.get("report")
-        kept = {} if moved else {k: v for k, v in self.cache.items() if isinstance(k, tuple) and k[:1] == ("structure",)}
+        if moved:
+            self.operands_version += 1
+        kept = {k: v for k, v in self.cache.items() if isinstance(k, tuple) and k[:1] == ("structure",)}
         self.cache.clear()
         self.cache.update(kept)
         if report is not None:

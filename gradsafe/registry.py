@@ -198,8 +198,8 @@ class ObjectiveRegistry:
             return self._build(objs, params, active)
         stale = {o.name: o for o, seen in zip(objs, plan.rows_versions) if o.rows_version != seen}
         changed = [bi for bi, b in enumerate(plan.blocks) if b.name in stale]
-        own = {(name, i): g for name, o in stale.items() for i, g in o.row_grams.items()}
-        plan.update_rows(changed, own, {name: o.lent_rows for name, o in stale.items()})
+        plan.update_rows(changed, {name: o.row_norms2 for name, o in stale.items()},
+                         {name: o.lent_rows for name, o in stale.items()})
         plan.rows_versions = tuple(o.rows_version for o in objs)
         return plan
 

@@ -40,7 +40,10 @@ class ReportConstants:
 
     mean_norm2: list[np.ndarray]  # per block: |r_mean restricted to tensor t|^2, (T_b,)
     constraint_pinv: list[np.ndarray | None]  # per block: (1 or T_b, m, m)
-    cross: list[list[np.ndarray]]  # per block, per tensor: acting rows on the tensor @ r_mean
+    # per block that does not act, per tensor: acting rows on the tensor @ r_mean (an acting
+    # block's are a column of the rule's tensor Grams, read from them each step: _WeightIndex)
+    cross: list[list[np.ndarray]]
+    index: "_WeightIndex | None" = None  # where the per-step sums read the rule's Grams and the weights
 
     @classmethod
     def of(cls, plan: "Plan") -> "ReportConstants":
@@ -60,12 +63,13 @@ class ReportConstants:
                     part.replace_local(summed)
         for bi, part in enumerate(parts):
             consts._put(bi, part, plan.blocks[bi].scope)
+        consts.index = _WeightIndex.of(plan)
         plan.cache["report"] = consts
         return consts
 
     def update(self, plan: "Plan", changed: Collection[int]) -> None:
-        """Blocks ``changed`` have new rows (same storage and shape) and the rule's Grams are
-        updated: redo their numbers, and the other blocks' cross Grams with their rows.
+        """Blocks ``changed`` have new rows (same shape) and the rule's Grams are updated: redo
+        their numbers, and the cross Grams of the blocks that do not act with their rows.
 
         Unsharded plans only (a sharded plan is rebuilt instead).
         """
@@ -82,8 +86,7 @@ class ReportConstants:
             for t, p in enumerate(b.positions):
                 if p not in positions:
                     continue
-                if b.acts:
-                    self.cross[bj][t] = _gram_column(plan, bj, p)
+                if b.acts:  # its inner products with the new rows are in the rule's Grams
                     continue
                 mean = b.mean_operand(t)
                 for bi in acting & set(rule.local[p]):
@@ -102,15 +105,6 @@ class ReportConstants:
             self.constraint_pinv[bi] = np.divide(1.0, grams, out=np.zeros_like(grams), where=grams > 0)
         else:
             self.constraint_pinv[bi] = equilibrated_pinv(grams)
-
-
-def _gram_column(plan: "Plan", bi: int, p: int) -> np.ndarray:
-    """An acting block's mean reference against every acting row on position ``p``: a column of
-    the rule's tensor Gram."""
-    rule = plan.rule
-    b = plan.blocks[bi]
-    mean = 0 if b.operands is not None else b.mean_row()
-    return rule.tensor_grams[p][:, rule.local[p][bi] + mean].copy()
 
 
 @dataclass
@@ -140,7 +134,7 @@ class _Parts:
                 if cons:
                     grams.append(G[off + cons[0] : off + cons[-1] + 1, off + cons[0] : off + cons[-1] + 1]
                                  if contiguous else G[np.ix_([off + c for c in cons], [off + c for c in cons])])
-            return cls(norms, grams, [_gram_column(plan, bi, p) for p in b.positions], False)
+            return cls(norms, grams, [], False)  # its cross Grams: a column of the rule's (_WeightIndex)
         means = [b.mean_operand(t) for t in range(b.num_tensors)]
         norms = np.array([float(operand_inner(m, m)[0, 0]) for m in means])
         grams = []
@@ -185,6 +179,59 @@ def _alignment_cross(plan: "Plan", consts: ReportConstants) -> list[np.ndarray]:
             cross = all_reduce_arrays(cross, plan.shard)
         plan.cache["report_alignment"] = cross
     return [c + b.rho * consts.mean_norm2[bi] for bi, (b, c) in enumerate(zip(plan.blocks, cross))]
+
+
+@dataclass
+class _WeightIndex:
+    """Flat indices for the per-step sums over the rule's tensor Grams (``HostRule.gram_store``,
+    updated in place when rows are rewritten), so that they take a few numpy calls per step
+    instead of a loop over tensors.
+
+    ``removed``: every entry ``(i, j)`` of every tensor's Gram ``M_p``: its index in the store,
+    the weights of its row and of its column, and ``p``; then ``sum_ij w_i M_p[i, j] w_j`` per
+    tensor is one ``bincount``. ``along``, per acting block: for each tensor ``t`` of the block
+    and acting row ``i`` on it, the store index of ``M_p[i, mean row]``, the weight of row
+    ``i`` and ``t``: ``(acting rows on t @ r_mean) . w_t`` per tensor.
+    """
+
+    removed: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    along: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+    @classmethod
+    def of(cls, plan: "Plan") -> "_WeightIndex":
+        rule = plan.rule
+        rows_weights = []  # per position: the flat weight index of each row of M_p
+        for p, offsets in enumerate(rule.local):
+            w = np.empty(rule.tensor_grams[p].shape[0], dtype=np.int64)
+            for bi, off in offsets.items():
+                b = plan.blocks[bi]
+                start = b.coef_offset + rule.local_index[(bi, p)] * b.num_rows
+                w[off : off + b.num_rows] = np.arange(start, start + b.num_rows)
+            rows_weights.append(w)
+        store, wi, wj, pos = [], [], [], []
+        for p, w in enumerate(rows_weights):
+            m = w.size
+            if m:
+                store.append(rule.gram_offsets[p] + np.arange(m * m))
+                wi.append(np.repeat(w, m))
+                wj.append(np.tile(w, m))
+                pos.append(np.full(m * m, p))
+        empty = np.zeros(0, dtype=np.int64)
+        removed = tuple(np.concatenate(x) if x else empty for x in (store, wi, wj, pos))
+        along = {}
+        for bi, b in enumerate(plan.blocks):
+            if not b.acts:
+                continue
+            mean = 0 if b.operands is not None else b.mean_row()
+            store, wts, ts = [], [], []
+            for t, p in enumerate(b.positions):
+                m = rule.tensor_grams[p].shape[0]
+                col = rule.local[p][bi] + mean
+                store.append(rule.gram_offsets[p] + np.arange(m) * m + col)
+                wts.append(rows_weights[p])
+                ts.append(np.full(m, t))
+            along[bi] = tuple(np.concatenate(x) if x else empty for x in (store, wts, ts))
+        return cls(removed, along)
 
 
 def _tensor_weights(plan: "Plan", weights: np.ndarray, p: int) -> np.ndarray:
@@ -234,13 +281,11 @@ def step_report(
     removed = np.zeros(len(hh))
     for op in plan.factor_ops:
         removed[op.position] += coefs[op.removed_offset]
-    w_by_pos: dict[int, np.ndarray] = {}
+    store = plan.rule.gram_store
     if weights is not None:
         weights = np.asarray(weights, dtype=np.float64)
-        for p, gram in enumerate(plan.rule.tensor_grams):
-            if gram.shape[0]:
-                w_by_pos[p] = _tensor_weights(plan, weights, p)
-                removed[p] += float(w_by_pos[p] @ gram @ w_by_pos[p])
+        at, wi, wj, pos = consts.index.removed
+        removed += np.bincount(pos, weights=store[at] * weights[wi] * weights[wj], minlength=len(hh))
 
     # energy_removed is joint: the surgery solves one problem over every covered tensor, and
     # its change restricted to one objective's tensors can exceed their own gradient energy
@@ -272,9 +317,14 @@ def step_report(
                     inside = float(np.einsum("ti,tij,tj->", cons, pinv, cons))
             along = dots.copy()
         # <r_mean, x_t> = <r_mean, h_t> (after the factored stage) + (acting rows on t @ r_mean) . w_t
-        for t, p in enumerate(b.positions):
-            if p in w_by_pos:
-                along[t] += float(consts.cross[bi][t] @ w_by_pos[p])
+        if weights is not None:
+            if b.acts:  # those inner products are a column of the rule's Grams
+                at, wi, ts = consts.index.along[bi]
+                along += np.bincount(ts, weights=store[at] * weights[wi], minlength=b.num_tensors)
+            else:
+                for t, p in enumerate(b.positions):
+                    if plan.rule.tensor_grams[p].shape[0]:
+                        along[t] += float(consts.cross[bi][t] @ _tensor_weights(plan, weights, p))
         if aligned is not None:
             along += aligned[bi]
         change_t = -step_scale[b.positions] * along

@@ -21,7 +21,7 @@ reference refreshed), ``HostRule.update_rows`` recomputes only what depends on t
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -58,7 +58,7 @@ class _Component:
 
     A: list[int]
     R: list[int]
-    by_pos: dict[int, tuple[np.ndarray, np.ndarray]]  # position -> flat indices: into G, into M_p
+    gather: tuple[np.ndarray, np.ndarray]  # flat indices into G, and into the tensor Grams' store
     blocks: frozenset[int]  # blocks with a column here
     a_blocks: frozenset[int]  # blocks with a basis column here
     batch: int = 0  # its entry of HostRule.batches
@@ -86,11 +86,14 @@ class HostRule:
 
         # ---- per-tensor Gram matrices of the rows of acting blocks (for the rule and the report)
         self.local: list[dict[int, int]] = []  # per position: block index -> row offset in M_p
+        # per position the Gram M_p of the acting rows on it: views of gram_store (flat, each
+        # M_p's entries from gram_offsets[p] on, row-major)
         self.tensor_grams: list[np.ndarray] = []
         self.local_index: dict[tuple[int, int], int] = {}  # (block, position) -> tensor's index in block
         for bi, b in enumerate(blocks):
             for t, p in enumerate(b.positions):
                 self.local_index[(bi, p)] = t
+        grams = []
         for p in range(num_pos):
             offsets, off = {}, 0
             for bi, _ in touching[p]:
@@ -99,9 +102,18 @@ class HostRule:
                     off += blocks[bi].num_rows
             self.local.append(offsets)
             parts = [blocks[bi].operand(self.local_index[(bi, p)]) for bi in offsets]
-            self.tensor_grams.append(operand_gram(parts) if parts else np.zeros((0, 0)))
+            grams.append(operand_gram(parts) if parts else np.zeros((0, 0)))
         if reduce is not None:
-            self.tensor_grams = reduce(self.tensor_grams)
+            grams = reduce(grams)
+        # the tensor Grams are views of one flat store, so that a component's Gram is one
+        # gather from it and a block's own entries one scatter into it
+        sizes = [g.size for g in grams]
+        self.gram_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.gram_store = np.concatenate([g.reshape(-1) for g in grams]) if grams else np.zeros(0)
+        self.tensor_grams = [
+            self.gram_store[o : o + g.size].reshape(g.shape) for o, g in zip(self.gram_offsets, grams)
+        ]
+        self._own_entries: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
         # ---- rule columns
         self.segments: list[_Segment] = []
@@ -163,10 +175,14 @@ class HostRule:
             for i, c in enumerate(A + R):
                 for p, loc in col_touch[c]:
                     entries[p].append((i, loc))
+            dst, src = [], []
+            for p, e in entries.items():
+                d, s_p = _flat_index([i for i, _ in e], [loc for _, loc in e], len(cols), self.tensor_grams[p].shape[0])
+                dst.append(d)
+                src.append(s_p + self.gram_offsets[p])
             comp = _Component(
                 A, R,
-                by_pos={p: _flat_index([i for i, _ in e], [loc for _, loc in e], len(cols), self.tensor_grams[p].shape[0])
-                        for p, e in entries.items()},
+                gather=(np.concatenate(dst), np.concatenate(src)),
                 blocks=frozenset(int(col_block[c]) for c in cols),
                 a_blocks=frozenset(int(col_block[c]) for c in A),
             )
@@ -191,10 +207,9 @@ class HostRule:
         when the basis columns' Gram did not change)."""
         A = comp.A
         nA = len(A)
-        G = np.zeros((nA + len(comp.R),) * 2)
-        flat = G.reshape(-1)
-        for p, (dst, src) in comp.by_pos.items():
-            flat[dst] += self.tensor_grams[p].reshape(-1)[src]  # no index repeats within a position
+        n = nA + len(comp.R)
+        dst, src = comp.gather  # an entry of G gets one term per tensor that both its columns touch
+        G = np.bincount(dst, weights=self.gram_store[src], minlength=n * n).reshape(n, n)
         if K_pinv is None:
             K = G[:nA, :nA] + np.diag(self._col_pen[A])
             K_pinv = equilibrated_pinv(K) if nA else np.zeros((0, 0))
@@ -205,25 +220,34 @@ class HostRule:
         return K_pinv, P2, H, ref_norms2
 
     # ------------------------------------------------------------------ rows rewritten in place
-    def update_rows(self, changed: Collection[int], own_grams: Callable[[int, int], np.ndarray | None] | None = None) -> None:
-        """Blocks ``changed`` have new values in the same rows (same storage, same shape).
+    def update_rows(self, changed: Collection[int], copies: Mapping[int, np.ndarray] | None = None) -> None:
+        """Blocks ``changed`` have new values in the same rows (same shape).
 
         Only what depends on their rows is recomputed: their entries of the tensor Grams (their
-        inner products with every acting row on the same tensors; ``own_grams(block, t)``, when
-        it returns a matrix, gives a block's Gram of its own rows on its ``t``-th tensor, which
-        the caller may know for free) and the matrices of the components they have columns in
-        (host algebra, ``K^+`` kept when their basis columns did not change). The other blocks'
-        Grams among themselves are not touched.
+        inner products with every acting row on the same tensors) and the matrices of the
+        components they have columns in (host algebra, ``K^+`` kept when their basis columns did
+        not change). The other blocks' Grams among themselves are not touched. ``copies``: per
+        block, when every row it reads is a copy of one vector, that vector's squared norm on each
+        of its tensors ``(T_b,)`` (a live reference's refresh knows them): its own entries are
+        then written from them at once, and only tensors it shares with another acting block take
+        inner products.
         """
         changed = sorted({bi for bi in changed if self.blocks[bi].acts})
         if not changed:
             return
+        copies = copies or {}
         with single_threaded_blas():
             # position by position: the rows of one tensor stay in cache for all their pairs
             by_pos: dict[int, list[tuple[int, int]]] = defaultdict(list)
             for bi in changed:
-                for t, p in enumerate(self.blocks[bi].positions):
-                    by_pos[p].append((bi, t))
+                b = self.blocks[bi]
+                norms = copies.get(bi)
+                if norms is not None:
+                    idx, tensor_of = self._own_entries_of(bi)
+                    self.gram_store[idx] = np.asarray(norms, dtype=np.float64)[tensor_of]
+                for t, p in enumerate(b.positions):
+                    if norms is None or len(self.local[p]) > 1:
+                        by_pos[p].append((bi, t))
             for p, mine in sorted(by_pos.items()):
                 G = self.tensor_grams[p]
                 done: set[int] = set()
@@ -232,16 +256,14 @@ class HostRule:
                     off_i = self.local[p][bi]
                     rows_i = slice(off_i, off_i + b.num_rows)
                     for bj, off_j in self.local[p].items():
-                        if bj in done:  # a changed block before this one: its pair is written
+                        if bj in done or (bj == bi and bi in copies):  # written already
                             continue
                         bb = self.blocks[bj]
                         rows_j = slice(off_j, off_j + bb.num_rows)
                         if bj == bi:
-                            block = own_grams(bi, t) if own_grams is not None else None
-                            if block is None:
-                                op_i = b.operand(t)
-                                block = operand_inner(op_i, op_i)
-                                block = 0.5 * (block + block.T)
+                            op_i = b.operand(t)
+                            block = operand_inner(op_i, op_i)
+                            block = 0.5 * (block + block.T)
                         else:
                             block = operand_inner(b.operand(t), bb.operand(self.local_index[(bj, p)]))
                         G[rows_i, rows_j] = block
@@ -253,6 +275,21 @@ class HostRule:
                     keep = None if comp.a_blocks & touched else self.batches[comp.batch][2][comp.slot]
                     for j, m in enumerate(self._matrices(comp, keep)):
                         self.batches[comp.batch][2 + j][comp.slot] = m
+
+    def _own_entries_of(self, bi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block ``bi``'s entries of its own rows' Grams in the store, and each one's tensor index."""
+        cached = self._own_entries.get(bi)
+        if cached is None:
+            b = self.blocks[bi]
+            r = np.arange(b.num_rows)
+            idx, tensor_of = [], []
+            for t, p in enumerate(b.positions):
+                m = self.tensor_grams[p].shape[0]
+                rows = self.local[p][bi] + r
+                idx.append(self.gram_offsets[p] + (rows[:, None] * m + rows[None, :]).reshape(-1))
+                tensor_of.append(np.full(r.size * r.size, t))
+            cached = self._own_entries[bi] = (np.concatenate(idx), np.concatenate(tensor_of))
+        return cached
 
     # ------------------------------------------------------------------ per step
     def block_coefs(self, coefs: np.ndarray, bi: int) -> np.ndarray:

@@ -437,6 +437,36 @@ def test_a_live_reference_lends_its_gradient_and_the_memory_gets_it_when_read():
     assert [op.data_ptr() for op in block.operands] == [g.data_ptr() for g in live.lent_rows]
 
 
+def test_lent_rows_in_a_step_cut_into_chunks_for_threads():
+    """The torch backend cuts a large plan into column chunks for its threads; each chunk's views
+    follow the lent rows from step to step (``Plan.operands_version``) as the one-chunk step does."""
+    from gradsafe.backends.torch_backend import _views
+
+    def run(threads):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 4))
+        gen = torch.Generator().manual_seed(1)
+        align = torch.Generator().manual_seed(2)
+        opt = ProtectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), backend=TorchBackend(threads=threads))
+        opt.protect("live", closure=lambda: model(torch.randn(8, 512, generator=align)).pow(2).mean(),
+                    mode="conflict", refresh_every=1)
+        conflicts = 0
+        for _ in range(4):
+            opt.zero_grad()
+            (-model(torch.randn(8, 512, generator=gen)).pow(2).mean()).backward()
+            opt.step()
+            conflicts += opt.report["live"]["conflict"]
+        chunks = len(_views(opt._plan, opt._backend._split(opt._plan, False)[0]).chunks)
+        return [p.detach().clone() for p in model.parameters()], opt, conflicts, chunks
+
+    a, opt_a, conflicts, chunks = run(2)
+    b, _, _, one = run(1)
+    assert chunks > 1 and one == 1 and conflicts >= 2
+    assert opt_a.objectives["live"].lent_rows is not None and opt_a._plan.operands_version >= 3
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
 # ------------------------------------------------- a Fisher that nothing reads is not kept
 
 

@@ -75,6 +75,10 @@ class _Views:
     # positions a factored operator or a low-rank row reads: worked on in float32 whatever their dtype
     float32_only: frozenset[int]
     numels: list[int]
+    # the dense entries, to point them at a block's new operands (lent rows): (chunk, "coef" or
+    # "apply", entry, block, tensor, lo, hi), and the plan's operands_version they show
+    dense: list[tuple[int, str, int, int, int, int, int]] = field(default_factory=list)
+    operands_version: int = 0
 
 
 def partition_columns(costs: list[tuple[int, float]], parts: int, min_columns: int = MIN_CHUNK_COLUMNS,
@@ -128,10 +132,13 @@ def _views(plan: Plan, chunks: int) -> _Views:
     """The plan's operands cut into (at most) ``chunks`` chunks, cached on the plan.
 
     Views of the plan's rows and offsets only: an in-place rewrite of the rows keeps them
-    (``Plan.update_rows`` keeps ``("structure", ...)`` entries)."""
+    (``Plan.update_rows`` keeps ``("structure", ...)`` entries); when blocks take other tensors as
+    operands (lent rows: ``Plan.operands_version``), the dense entries are pointed at them."""
     key = ("structure", "torch", chunks)
     cached = plan.cache.get(key)
     if cached is not None:
+        if cached.operands_version != plan.operands_version:
+            _repoint(cached, plan)
         return cached
     coef, apply = [], []
     numels = [0] * plan.num_tensors
@@ -139,7 +146,7 @@ def _views(plan: Plan, chunks: int) -> _Views:
     # the factored stage writes the squared norms of the tensors it reads
     factored = {op.position for op in plan.factor_ops}
     seen: set[int] = set(factored)
-    for b in plan.blocks:
+    for bi, b in enumerate(plan.blocks):
         if b.stats_block:
             continue  # its numbers come from the factored stage
         live = b.apply_rows()
@@ -151,11 +158,12 @@ def _views(plan: Plan, chunks: int) -> _Views:
             else:
                 numels[pos] = op.shape[1]
             offset = b.coef_offset + t * b.num_rows
-            coef.append((pos, op, offset, pos not in seen))
+            source = (bi, t) if not isinstance(op, LowRankRow) else None
+            coef.append((pos, op, offset, pos not in seen, source))
             seen.add(pos)
             if b.acts and live.stop > live.start:
                 applied = op if isinstance(op, LowRankRow) else op[live].T
-                apply.append((pos, applied, slice(offset + live.start, offset + live.stop)))
+                apply.append((pos, applied, slice(offset + live.start, offset + live.stop), source))
     # The apply pass runs in reverse: the rows read last by the coefficient pass are the
     # likeliest still to be in cache.
     apply = apply[::-1]
@@ -168,26 +176,58 @@ def _views(plan: Plan, chunks: int) -> _Views:
         per_column = [1.0] * plan.num_tensors  # the tensor's own read
         for pos, op, *_ in coef:
             per_column[pos] += op.shape[0]
-        for pos, op, _ in apply:
+        for pos, op, *_ in apply:
             per_column[pos] += op.shape[1] + 1  # the rows, and the write
         ranges = partition_columns(list(zip(numels, per_column)), chunks, MIN_CHUNK_COLUMNS, CUT_ALIGN)
     out = []
-    for rs in ranges:
+    dense = []
+    for ci, rs in enumerate(ranges):
         where = {pos: (lo, hi) for pos, lo, hi in rs}
         chunk = _Chunk()
-        for pos, op, offset, first in coef:
+        for pos, op, offset, first, source in coef:
             if pos in where:
                 lo, hi = where[pos]
-                view = op if isinstance(op, LowRankRow) or (lo == 0 and hi == op.shape[1]) else op[:, lo:hi]
-                chunk.coef.append((pos, lo, hi, view, offset, first))
-        for pos, op, live in apply:
+                if source is not None:
+                    dense.append((ci, "coef", len(chunk.coef), *source, lo, hi))
+                chunk.coef.append((pos, lo, hi, _coef_view(op, lo, hi), offset, first))
+        for pos, op, live, source in apply:
             if pos in where:
                 lo, hi = where[pos]
-                view = op if isinstance(op, LowRankRow) or (lo == 0 and hi == op.shape[0]) else op[lo:hi]
-                chunk.apply.append((pos, lo, hi, view, live))
+                if source is not None:
+                    dense.append((ci, "apply", len(chunk.apply), *source, lo, hi))
+                chunk.apply.append((pos, lo, hi, _apply_view(op, lo, hi), live))
         out.append(chunk)
-    cached = plan.cache[key] = _Views(out, any(pos in factored for pos, *_ in coef), float32_only, numels)
+    cached = plan.cache[key] = _Views(out, any(pos in factored for pos, *_ in coef), float32_only, numels, dense,
+                                      plan.operands_version)
     return cached
+
+
+def _coef_view(op: "torch.Tensor | LowRankRow", lo: int, hi: int) -> "torch.Tensor | LowRankRow":
+    """Columns ``[lo, hi)`` of an operand ``(r, n)`` (itself when whole, or low-rank)."""
+    return op if isinstance(op, LowRankRow) or (lo == 0 and hi == op.shape[1]) else op[:, lo:hi]
+
+
+def _apply_view(op_t: "torch.Tensor | LowRankRow", lo: int, hi: int) -> "torch.Tensor | LowRankRow":
+    """Rows ``[lo, hi)`` of a transposed operand ``(n, r)`` (itself when whole, or low-rank)."""
+    return op_t if isinstance(op_t, LowRankRow) or (lo == 0 and hi == op_t.shape[0]) else op_t[lo:hi]
+
+
+def _repoint(views: _Views, plan: Plan) -> None:
+    """Point the dense entries at their blocks' current operands (the layout is unchanged)."""
+    blocks = plan.blocks
+    for ci, kind, j, bi, t, lo, hi in views.dense:
+        b = blocks[bi]
+        op = b.operands[t] if b.operands is not None else b.operand(t)
+        chunk = views.chunks[ci]
+        if kind == "coef":
+            pos, _, _, _, offset, first = chunk.coef[j]
+            chunk.coef[j] = (pos, lo, hi, op if lo == 0 and hi == op.shape[1] else op[:, lo:hi], offset, first)
+        else:
+            pos, _, _, _, weights = chunk.apply[j]
+            rows = b.live_rows
+            op_t = (op if rows.start == 0 and rows.stop == op.shape[0] else op[rows]).T
+            chunk.apply[j] = (pos, lo, hi, op_t if lo == 0 and hi == op_t.shape[0] else op_t[lo:hi], weights)
+    views.operands_version = plan.operands_version
 
 
 def _coef_pass(chunk: _Chunk, work: list[torch.Tensor], coefs: torch.Tensor, norms: torch.Tensor, threaded: bool) -> None:
