@@ -8,8 +8,8 @@ replace it: a live reference's refresh whose memory keeps its shape (``refresh_i
 writes the fresh gradient into the record's rows, or on the CPU lends it to the step
 (``lent_rows``: the rows are the gradient's own tensors until the memory is read);
 ``rows_version`` counts those, so that a plan over the same rows updates only the numbers
-that depend on them. The refresh schedule
-of a closure objective is a separate record (``gradsafe.refresh.RefreshState``).
+that depend on them. The refresh schedule of a closure objective is a separate record
+(``gradsafe.refresh.RefreshState``).
 """
 
 from __future__ import annotations

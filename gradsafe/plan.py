@@ -187,9 +187,10 @@ class Plan:
         (``ReportConstants.update``). Backends' entries of ``cache`` are dropped (uploads of the
         rule's matrices, the kernels' tables, are stale), except those keyed ``("structure", ...)``:
         views of the same rows, which a rewrite leaves valid (the torch backend's; when a block's
-        operands changed, ``operands_version`` tells it to point them at the new ones). ``row_norms2``: per objective name, when every row it reads
-        is a copy of one gradient (a live reference's refresh), that gradient's squared norm per
-        covered tensor (coverage order): its own Gram entries come from them. Unsharded plans only.
+        operands changed, ``operands_version`` tells it to point them at the new ones).
+        ``row_norms2``: per objective name, when every row it reads is a copy of one gradient (a
+        live reference's refresh), that gradient's squared norm per covered tensor (coverage
+        order): its own Gram entries come from them. Unsharded plans only.
         """
         if self.shard is not None:
             raise ValueError("a sharded plan's Grams are summed across ranks: rebuild it instead")

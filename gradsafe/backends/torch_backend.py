@@ -221,12 +221,10 @@ def _repoint(views: _Views, plan: Plan) -> None:
         chunk = views.chunks[ci]
         if kind == "coef":
             pos, _, _, _, offset, first = chunk.coef[j]
-            chunk.coef[j] = (pos, lo, hi, op if lo == 0 and hi == op.shape[1] else op[:, lo:hi], offset, first)
+            chunk.coef[j] = (pos, lo, hi, _coef_view(op, lo, hi), offset, first)
         else:
             pos, _, _, _, weights = chunk.apply[j]
-            rows = b.live_rows
-            op_t = (op if rows.start == 0 and rows.stop == op.shape[0] else op[rows]).T
-            chunk.apply[j] = (pos, lo, hi, op_t if lo == 0 and hi == op_t.shape[0] else op_t[lo:hi], weights)
+            chunk.apply[j] = (pos, lo, hi, _apply_view(op[b.apply_rows()].T, lo, hi), weights)
     views.operands_version = plan.operands_version
 
 
