@@ -212,7 +212,11 @@ class HostRule:
         G = np.bincount(dst, weights=self.gram_store[src], minlength=n * n).reshape(n, n)
         if K_pinv is None:
             K = G[:nA, :nA] + np.diag(self._col_pen[A])
-            K_pinv = equilibrated_pinv(K) if nA else np.zeros((0, 0))
+            if nA:
+                with single_threaded_blas():  # the one call here that would start BLAS threads
+                    K_pinv = equilibrated_pinv(K)
+            else:
+                K_pinv = np.zeros((0, 0))
         G_AR = G[:nA, nA:]
         P2 = K_pinv @ G_AR
         H = G[nA:, nA:] - G_AR.T @ P2
@@ -236,45 +240,44 @@ class HostRule:
         if not changed:
             return
         copies = copies or {}
-        with single_threaded_blas():
-            # position by position: the rows of one tensor stay in cache for all their pairs
-            by_pos: dict[int, list[tuple[int, int]]] = defaultdict(list)
-            for bi in changed:
+        # position by position: the rows of one tensor stay in cache for all their pairs
+        by_pos: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        for bi in changed:
+            b = self.blocks[bi]
+            norms = copies.get(bi)
+            if norms is not None:
+                idx, tensor_of = self._own_entries_of(bi)
+                self.gram_store[idx] = np.asarray(norms, dtype=np.float64)[tensor_of]
+            for t, p in enumerate(b.positions):
+                if norms is None or len(self.local[p]) > 1:
+                    by_pos[p].append((bi, t))
+        for p, mine in sorted(by_pos.items()):
+            G = self.tensor_grams[p]
+            done: set[int] = set()
+            for bi, t in mine:
                 b = self.blocks[bi]
-                norms = copies.get(bi)
-                if norms is not None:
-                    idx, tensor_of = self._own_entries_of(bi)
-                    self.gram_store[idx] = np.asarray(norms, dtype=np.float64)[tensor_of]
-                for t, p in enumerate(b.positions):
-                    if norms is None or len(self.local[p]) > 1:
-                        by_pos[p].append((bi, t))
-            for p, mine in sorted(by_pos.items()):
-                G = self.tensor_grams[p]
-                done: set[int] = set()
-                for bi, t in mine:
-                    b = self.blocks[bi]
-                    off_i = self.local[p][bi]
-                    rows_i = slice(off_i, off_i + b.num_rows)
-                    for bj, off_j in self.local[p].items():
-                        if bj in done or (bj == bi and bi in copies):  # written already
-                            continue
-                        bb = self.blocks[bj]
-                        rows_j = slice(off_j, off_j + bb.num_rows)
-                        if bj == bi:
-                            op_i = b.operand(t)
-                            block = operand_inner(op_i, op_i)
-                            block = 0.5 * (block + block.T)
-                        else:
-                            block = operand_inner(b.operand(t), bb.operand(self.local_index[(bj, p)]))
-                        G[rows_i, rows_j] = block
-                        G[rows_j, rows_i] = block.T
-                    done.add(bi)
-            touched = set(changed)
-            for comp in self._components:
-                if comp.blocks & touched:
-                    keep = None if comp.a_blocks & touched else self.batches[comp.batch][2][comp.slot]
-                    for j, m in enumerate(self._matrices(comp, keep)):
-                        self.batches[comp.batch][2 + j][comp.slot] = m
+                off_i = self.local[p][bi]
+                rows_i = slice(off_i, off_i + b.num_rows)
+                for bj, off_j in self.local[p].items():
+                    if bj in done or (bj == bi and bi in copies):  # written already
+                        continue
+                    bb = self.blocks[bj]
+                    rows_j = slice(off_j, off_j + bb.num_rows)
+                    if bj == bi:
+                        op_i = b.operand(t)
+                        block = operand_inner(op_i, op_i)
+                        block = 0.5 * (block + block.T)
+                    else:
+                        block = operand_inner(b.operand(t), bb.operand(self.local_index[(bj, p)]))
+                    G[rows_i, rows_j] = block
+                    G[rows_j, rows_i] = block.T
+                done.add(bi)
+        touched = set(changed)
+        for comp in self._components:
+            if comp.blocks & touched:
+                keep = None if comp.a_blocks & touched else self.batches[comp.batch][2][comp.slot]
+                for j, m in enumerate(self._matrices(comp, keep)):
+                    self.batches[comp.batch][2 + j][comp.slot] = m
 
     def _own_entries_of(self, bi: int) -> tuple[np.ndarray, np.ndarray]:
         """Block ``bi``'s entries of its own rows' Grams in the store, and each one's tensor index."""
