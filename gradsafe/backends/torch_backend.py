@@ -224,7 +224,10 @@ def _repoint(views: _Views, plan: Plan) -> None:
             chunk.coef[j] = (pos, lo, hi, _coef_view(op, lo, hi), offset, first)
         else:
             pos, _, _, _, weights = chunk.apply[j]
-            chunk.apply[j] = (pos, lo, hi, _apply_view(op[b.apply_rows()].T, lo, hi), weights)
+            rows = b.apply_rows()
+            if rows.start != 0 or rows.stop != op.shape[0]:
+                op = op[rows]
+            chunk.apply[j] = (pos, lo, hi, _apply_view(op.T, lo, hi), weights)
     views.operands_version = plan.operands_version
 
 
