@@ -195,9 +195,15 @@ class Plan:
         if self.shard is not None:
             raise ValueError("a sharded plan's Grams are summed across ranks: rebuild it instead")
         moved = False  # whether a block's operands are other tensors now
+        copies = {}
         for bi in changed:
             b = self.blocks[bi]
-            if lent is None or b.kind != "flat" or b.name not in lent:
+            if b.kind != "flat":
+                continue
+            norms = None if row_norms2 is None else row_norms2.get(b.name)
+            if norms is not None:
+                copies[bi] = norms[list(b.coverage_ids)]
+            if lent is None or b.name not in lent:
                 continue
             rows = lent[b.name]
             if rows is None:
@@ -206,12 +212,6 @@ class Plan:
             else:
                 b.operands = [rows[c].view(1, -1) for c in b.coverage_ids]
                 moved = True
-        copies = {}
-        for bi in changed:
-            b = self.blocks[bi]
-            norms = None if row_norms2 is None else row_norms2.get(b.name)
-            if norms is not None and b.kind == "flat":
-                copies[bi] = norms[list(b.coverage_ids)]
         self.rule.update_rows(changed, copies)
         report = self.cache.get("report")
         if moved:

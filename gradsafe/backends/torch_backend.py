@@ -162,7 +162,7 @@ def _views(plan: Plan, chunks: int) -> _Views:
             coef.append((pos, op, offset, pos not in seen, source))
             seen.add(pos)
             if b.acts and live.stop > live.start:
-                applied = op if isinstance(op, LowRankRow) else op[live].T
+                applied = _live_transposed(op, live)
                 apply.append((pos, applied, slice(offset + live.start, offset + live.stop), source))
     # The apply pass runs in reverse: the rows read last by the coefficient pass are the
     # likeliest still to be in cache.
@@ -202,6 +202,14 @@ def _views(plan: Plan, chunks: int) -> _Views:
     return cached
 
 
+def _live_transposed(op: "torch.Tensor | LowRankRow", live: slice) -> "torch.Tensor | LowRankRow":
+    """The rows ``live`` of an operand ``(r, n)``, transposed to ``(n, r_live)`` for the combine
+    (a low-rank operand as it is)."""
+    if isinstance(op, LowRankRow):
+        return op
+    return (op if live.start == 0 and live.stop == op.shape[0] else op[live]).T
+
+
 def _coef_view(op: "torch.Tensor | LowRankRow", lo: int, hi: int) -> "torch.Tensor | LowRankRow":
     """Columns ``[lo, hi)`` of an operand ``(r, n)`` (itself when whole, or low-rank)."""
     return op if isinstance(op, LowRankRow) or (lo == 0 and hi == op.shape[1]) else op[:, lo:hi]
@@ -214,20 +222,16 @@ def _apply_view(op_t: "torch.Tensor | LowRankRow", lo: int, hi: int) -> "torch.T
 
 def _repoint(views: _Views, plan: Plan) -> None:
     """Point the dense entries at their blocks' current operands (the layout is unchanged)."""
-    blocks = plan.blocks
     for ci, kind, j, bi, t, lo, hi in views.dense:
-        b = blocks[bi]
-        op = b.operands[t] if b.operands is not None else b.operand(t)
+        b = plan.blocks[bi]
+        op = b.operand(t)
         chunk = views.chunks[ci]
         if kind == "coef":
             pos, _, _, _, offset, first = chunk.coef[j]
             chunk.coef[j] = (pos, lo, hi, _coef_view(op, lo, hi), offset, first)
         else:
             pos, _, _, _, weights = chunk.apply[j]
-            rows = b.apply_rows()
-            if rows.start != 0 or rows.stop != op.shape[0]:
-                op = op[rows]
-            chunk.apply[j] = (pos, lo, hi, _apply_view(op.T, lo, hi), weights)
+            chunk.apply[j] = (pos, lo, hi, _apply_view(_live_transposed(op, b.apply_rows()), lo, hi), weights)
     views.operands_version = plan.operands_version
 
 

@@ -27,7 +27,6 @@ from typing import Any
 __all__ = ["Metric", "Setting", "Scenario", "safety_condition", "harmful_share"]
 
 
-
 def safety_condition(name: str, scenario: str = "safety") -> tuple[str, float]:
     """A safety-domain condition by name: ``"harmful-<p>"`` (0 < p < 1) -> ("harmful", p);
     ``"identity-shift"``, ``"benign-only"`` -> (name, 0). Another name is a ValueError naming ``scenario``."""

@@ -197,11 +197,16 @@ def lends_rows(memory: Memory, grads: "Sequence[torch.Tensor | None]", fisher_ke
     storage = memory.storage
     if storage.device.type != "cpu" or storage.dtype != torch.float32 or memory.has_samples or storage.shape[0] != 1:
         return False
-    if memory.fisher is not None and not (fisher_keep == 1.0 and fisher_new == 0.0):
+    if _folds_fisher(memory, fisher_keep, fisher_new):
         return False
     return all(
         g is not None and g.dtype == torch.float32 and g.device == storage.device and g.is_contiguous() for g in grads
     )
+
+
+def _folds_fisher(memory: Memory, fisher_keep: float, fisher_new: float) -> bool:
+    """Whether an in-place refresh with these weights changes the Fisher (a pass over it)."""
+    return memory.fisher is not None and not (fisher_keep == 1.0 and fisher_new == 0.0)
 
 
 @functools.lru_cache(maxsize=256)
@@ -229,7 +234,7 @@ def refresh_in_place(
     """
     storage = memory.storage
     mean = storage[0]
-    fold = memory.fisher is not None and not (fisher_keep == 1.0 and fisher_new == 0.0)
+    fold = _folds_fisher(memory, fisher_keep, fisher_new)
     columns = _in_place_columns(layout)
     if not fold and all(grads[t] is not None for t, _, _ in columns):  # the common live case: copies only
         torch._foreach_copy_([mean[sl] for _, sl, _ in columns], [grads[t].detach().reshape(-1) for t, _, _ in columns])
