@@ -42,8 +42,9 @@ def test_extras():
     assert {_name(d) for d in extras["demo"]} >= {"scikit-learn", "matplotlib", "tqdm"}
     assert [_name(d) for d in extras["triton"]] == ["triton"]
     assert "platform_system == 'Linux'" in extras["triton"][0]
+    assert [_name(d) for d in extras["cpu"]] == ["ninja"]  # builds the CPU loops (cpp_extension)
     dev = extras["dev"]
-    assert "gradsafe[demo,triton]" in dev
+    assert "gradsafe[demo,triton,cpu]" in dev
     assert {"pytest", "pytest-benchmark", "hypothesis", "transformers", "accelerate", "lightning",
             "tensorboard", "peft"} <= {_name(d) for d in dev}
 

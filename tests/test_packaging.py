@@ -78,6 +78,7 @@ def test_wheel_ships_the_kernels_as_gradsafe_kernels(tmp_path):
         z.extractall(tmp_path / "site")
     for f in KERNEL_FILES:
         assert f"gradsafe/kernels/{f}" in names, f
+    assert "gradsafe/kernels/cpu_surgery.cpp" in names  # the CPU loops' source, built on first use
     assert "gradsafe/backends/triton_layout.py" in names
     assert "gradsafe/kernels/surgery.py" not in names
     assert not [n for n in names if n.startswith("kernels/")], "a top-level kernels package in the wheel"

@@ -13,6 +13,11 @@ core, so one thread cannot reach the memory bandwidth: benchmarks/README.md); ea
 coefficients are partial sums, added before the rule. Plans with factored parts, steps under
 ``torch.compile`` and other devices run in one chunk, on the calling thread.
 
+With ``cpu_kernels=True`` the dense coefficient and apply passes of a CPU step run through
+compiled loops (``gradsafe.backends.cpu_kernels``, ``kernels/cpu_surgery.cpp``) that read
+all of a block's rows and the tensor together, the squared norm in the same pass; the rest
+is unchanged.
+
 Precision: a float32 tensor is worked on in place (a float32 copy, written back, when it is
 not contiguous); a float64 tensor keeps its own precision: its coefficients are read from a
 float32 copy, and the correction ``rows^T w`` (float32, like the rows) is added into it, so
@@ -28,6 +33,7 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -36,6 +42,7 @@ from ..factored import factor_finish, factor_partials, partials_finite, run_fact
 from ..numerics import LowRankRow
 from ..plan import Plan
 from .base import StepRecord
+from .cpu_kernels import cpu_kernels_from_env, load_cpu_kernels
 
 __all__ = ["TorchBackend", "partition_columns"]
 
@@ -235,8 +242,10 @@ def _repoint(views: _Views, plan: Plan) -> None:
     views.operands_version = plan.operands_version
 
 
-def _coef_pass(chunk: _Chunk, work: list[torch.Tensor], coefs: torch.Tensor, norms: torch.Tensor, threaded: bool) -> None:
-    """Coefficients (and squared norms) of one chunk's column ranges into ``coefs``."""
+def _coef_pass(chunk: _Chunk, work: list[torch.Tensor], coefs: torch.Tensor, norms: torch.Tensor, threaded: bool,
+               kernels: ModuleType | None = None) -> None:
+    """Coefficients (and squared norms) of one chunk's column ranges into ``coefs``; dense rows
+    through ``kernels`` (the CPU kernels) when given."""
     for pos, lo, hi, rows, offset, first in chunk.coef:
         h = work[pos]
         if isinstance(rows, LowRankRow):
@@ -244,6 +253,9 @@ def _coef_pass(chunk: _Chunk, work: list[torch.Tensor], coefs: torch.Tensor, nor
         else:
             if hi - lo != h.shape[0]:
                 h = h[lo:hi]
+            if kernels is not None:  # the norm in the same pass
+                kernels.coefficients(rows, h, coefs[offset : offset + rows.shape[0]], norms[pos : pos + 1] if first else None)
+                continue
             torch.mv(rows, h, out=coefs[offset : offset + rows.shape[0]])
         if first:  # |h|^2 right after the first read of h, while it is still in cache
             if threaded:  # a BLAS-2 call: one core, like the chunk's other calls (dot may start threads)
@@ -253,8 +265,9 @@ def _coef_pass(chunk: _Chunk, work: list[torch.Tensor], coefs: torch.Tensor, nor
 
 
 def _apply_pass(chunk: _Chunk, targets: list[torch.Tensor], W: torch.Tensor, fresh: frozenset[int],
-                skip: frozenset[tuple[int, int]]) -> None:
-    """``target += rows^T w`` over one chunk's column ranges.
+                skip: frozenset[tuple[int, int]], kernels: ModuleType | None = None) -> None:
+    """``target += rows^T w`` over one chunk's column ranges (dense rows through ``kernels``
+    when given).
 
     A position in ``fresh`` (a correction buffer) is overwritten by its first product; an
     entry whose weights (``live``, as (start, stop)) are in ``skip`` is left out.
@@ -269,9 +282,13 @@ def _apply_pass(chunk: _Chunk, targets: list[torch.Tensor], W: torch.Tensor, fre
             continue
         if hi - lo != h.shape[0]:
             h = h[lo:hi]
-        if pos in fresh and pos not in written:
-            torch.mv(rows_t, W[live], out=h)
+        overwrite = pos in fresh and pos not in written
+        if overwrite:
             written.add(pos)
+        if kernels is not None:
+            kernels.accumulate(rows_t, W[live], h, overwrite)
+        elif overwrite:
+            torch.mv(rows_t, W[live], out=h)
         else:
             h.addmv_(rows_t, W[live])
 
@@ -341,14 +358,26 @@ class TorchBackend:
             ``torch.get_num_threads()``); 1 runs the step on the calling thread alone. A plan
             is cut into up to ``CHUNKS_PER_THREAD`` chunks per thread of at least
             ``MIN_CHUNK_COLUMNS`` columns each; a plan too small for two runs on one thread.
+        cpu_kernels: run the dense passes of CPU steps through compiled loops
+            (``gradsafe.backends.cpu_kernels``) instead of ``torch.mv`` / ``addmv_``; they are
+            built here on first use (a C++ compiler and ninja are needed; ``RuntimeError``
+            saying why otherwise). Steps under ``torch.compile`` and on other devices keep the
+            torch ops. None (default): on when the environment has ``GRADSAFE_CPU_KERNELS=1``.
     """
 
     name = "torch"
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, cpu_kernels: bool | None = None) -> None:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"TorchBackend(threads=...) must be a whole number >= 1 or None, got {threads!r}")
+        if cpu_kernels is None:
+            cpu_kernels = cpu_kernels_from_env()
+        elif not isinstance(cpu_kernels, bool):
+            raise TypeError(f"TorchBackend(cpu_kernels=...) must be True, False or None, got {cpu_kernels!r}")
         self.threads = threads
+        self.cpu_kernels = cpu_kernels
+        if cpu_kernels:
+            load_cpu_kernels()  # built (or found built) now; the module is not kept here, so a copy pickles
 
     def _split(self, plan: Plan, compiling: bool) -> tuple[int, int]:
         """(chunks, threads) for a step of this plan."""
@@ -379,6 +408,7 @@ class TorchBackend:
         chunks, threads = self._split(plan, compiling)
         views = _views(plan, chunks)
         threaded = len(views.chunks) > 1
+        kernels = load_cpu_kernels() if self.cpu_kernels and plan.device.type == "cpu" and not compiling else None
 
         # own: each tensor as a flat tensor in its own precision (float32 for the rest), the
         # one that damping scales and, unless it has a correction buffer, the apply pass changes
@@ -418,12 +448,12 @@ class TorchBackend:
         if threaded:  # each chunk sums its own columns; the chunks are added here
             split = torch.zeros(len(views.chunks), plan.coef_numel, dtype=torch.float32, device=plan.device)
             _run_chunks([
-                lambda p=p, out=out: _coef_pass(p, work, out, out[plan.norms_offset :], True)
+                lambda p=p, out=out: _coef_pass(p, work, out, out[plan.norms_offset :], True, kernels)
                 for p, out in zip(views.chunks, split)
             ], threads)
             torch.sum(split, 0, out=coefs)
         else:
-            _coef_pass(views.chunks[0], work, coefs, norms, False)
+            _coef_pass(views.chunks[0], work, coefs, norms, False, kernels)
         if plan.shard is not None:  # FSDP2: each rank summed its own rows; one all-reduce
             sum_across_ranks(partials or [], plan.shard, extra=coefs)
         if staged is not None:
@@ -461,9 +491,10 @@ class TorchBackend:
             if not compiling:  # adding zero (a conflict constraint that holds): skip the pass
                 skip = frozenset((e[4].start, e[4].stop) for e in entries if not weights[e[4]].any())
             if threaded:  # last chunks first: their rows are the likeliest still in cache
-                _run_chunks([lambda p=p: _apply_pass(p, targets, W, fresh, skip) for p in views.chunks[::-1]], threads)
+                _run_chunks([lambda p=p: _apply_pass(p, targets, W, fresh, skip, kernels) for p in views.chunks[::-1]],
+                            threads)
             else:
-                _apply_pass(views.chunks[0], targets, W, fresh, skip)
+                _apply_pass(views.chunks[0], targets, W, fresh, skip, kernels)
             touched = {pos for pos, *_, live in entries if (live.start, live.stop) not in skip}
             for i in wide:
                 if i in touched:  # every chunk over it wrote its range of the buffer

@@ -79,6 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ks", type=_ints, default=(1, 4, 16, 64), help="sweep: ranks (default 1,4,16,64)")
     parser.add_argument("--tensor-counts", type=_ints, default=(1, 200, 500), help="sweep: tensor counts")
     parser.add_argument("--out", default=None, help="also write the table to this file")
+    parser.add_argument("--cpu-kernels", action="store_true",
+                        help="CPU: also time the torch backend with its compiled CPU loops (built first: a C++ compiler and ninja)")
     parser.add_argument("--live", action="store_true",
                         help="a live conflict closure (refresh_every=1) against the hand-written A-GEM and GEM "
                              "loops; --rounds: repeats (default 5, 2 with --quick)")

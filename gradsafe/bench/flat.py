@@ -8,7 +8,8 @@ one.
 
 - ``gradsafe bench`` (one configuration): the stream probe (the fused surgery's reads and
   writes without its arithmetic, ``floor_case``), the naive per-parameter loop, the torch
-  backend, on a GPU the Triton backend (float32 and bfloat16 basis), and the AdamW step
+  backend (with ``--cpu-kernels`` also with its compiled CPU loops), on a GPU the Triton
+  backend (float32 and bfloat16 basis), and the AdamW step
   (default and fused), all timed; and the bytes floor, derived from them: the surgery's bytes
   at the higher of fused AdamW's and the probe's bandwidth (``floor_seconds``). Every ratio
   column is a time ratio, lower is better: the row's median over the floor's, the naive
@@ -41,7 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from .._optional import UserError, require
-from ..backends import get_backend, triton_available
+from ..backends import TorchBackend, get_backend, triton_available
+from ..backends.cpu_kernels import load_cpu_kernels
 from ..backends.triton_backend import TritonBackend
 from ..memory import Memory, pack_rows
 from ..objective import ProtectedObjective
@@ -171,6 +173,7 @@ PROBE = "stream probe (surgery's bytes)"
 NAIVE = "naive per-parameter loop"
 ADAMW = "AdamW step (default)"
 ADAMW_FUSED = "AdamW step (fused)"
+CPU_KERNELS = "gradsafe torch + CPU kernels"
 
 
 def floor_case(problem: Problem) -> Callable[[int], None]:
@@ -193,10 +196,14 @@ def floor_case(problem: Problem) -> Callable[[int], None]:
     return stream
 
 
-def cases_for(problem: Problem, backend: str = "torch", device: torch.device | None = None):
-    """The variants compared on one problem, and their floor bytes per parameter."""
+def cases_for(problem: Problem, backend: str = "torch", device: torch.device | None = None, cpu_kernels: bool = False):
+    """The variants compared on one problem, and their floor bytes per parameter.
+
+    ``cpu_kernels``: on the CPU, also the torch backend with its compiled CPU loops
+    (``TorchBackend(cpu_kernels=True)``)."""
     device = torch.device(device) if device is not None else problem.plan.device
-    be = get_backend(backend)
+    # the torch row times the torch ops, GRADSAFE_CPU_KERNELS or not; the compiled loops get their own row
+    be = TorchBackend(cpu_kernels=False) if backend == "torch" else get_backend(backend)
     nb = naive_bases(problem)
     adamw = torch.optim.AdamW(problem.params, lr=1e-3)
     adamw_fused = torch.optim.AdamW(problem.params, lr=1e-3, fused=True)
@@ -215,6 +222,10 @@ def cases_for(problem: Problem, backend: str = "torch", device: torch.device | N
         name: lambda r: be.run(problem.plan, with_grads(r)),
     }
     floors = {PROBE: surgery_floor_bytes(k, 4), NAIVE: 2 * k * 4 + 12, name: surgery_floor_bytes(k, 4)}
+    if device.type == "cpu" and backend == "torch" and cpu_kernels:
+        compiled = TorchBackend(cpu_kernels=True)
+        cases[CPU_KERNELS] = lambda r: compiled.run(problem.plan, with_grads(r))
+        floors[CPU_KERNELS] = surgery_floor_bytes(k, 4)
     if device.type == "cuda" and backend != "triton":
         if triton_available():
             for label, dt, sb in (("fp32", torch.float32, 4), ("bf16", torch.bfloat16, 2)):
@@ -480,12 +491,20 @@ def run_flat(args: argparse.Namespace) -> int:
     default_numel = 10_000_000 if device.type == "cpu" else 1 << 25
     numel = 1_000_000 if args.quick else (args.numel or default_numel)
     rounds = 5 if args.quick else (args.rounds or 15)
+    if args.cpu_kernels and (device.type != "cpu" or args.backend != "torch"):
+        raise UserError("--cpu-kernels times the torch backend's CPU loops: it needs --device cpu and --backend torch")
     progress = stderr_progress()
     progress(f"building the problem ({numel:,} parameters, k={rank}, scope={args.scope})")
     problem = make_problem(numel, args.tensors, rank, args.scope, device=device)
     header = format_header(problem, args.scope, device, rounds)
     print(header, flush=True)  # before anything is timed
-    cases, floors = cases_for(problem, args.backend, device)
+    if args.cpu_kernels:
+        progress("building the CPU kernels (cached after the first build)")
+        try:
+            load_cpu_kernels()
+        except RuntimeError as exc:  # why they cannot be built, in one line
+            raise UserError(str(exc)) from exc
+    cases, floors = cases_for(problem, args.backend, device, cpu_kernels=args.cpu_kernels)
     times = measure(cases, rounds, device, progress=progress)
     table = format_table(times, floors, problem.numel)
     print(table, flush=True)

@@ -33,13 +33,6 @@ FP32_TOL = 1e-5
 LOWP_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-@pytest.fixture
-def small_parts(monkeypatch):
-    """Let the step split tensors of a few hundred entries."""
-    monkeypatch.setattr(torch_backend, "MIN_CHUNK_COLUMNS", 32)
-    monkeypatch.setattr(torch_backend, "CUT_ALIGN", 8)
-
-
 # ---------------------------------------------------------------------------- the column split
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("parts", [1, 2, 3, 5])

@@ -122,6 +122,14 @@ def test_sweep_needs_cuda(capsys):
     assert out.err == "gradsafe bench: --sweep measures the Triton kernels against the memory floor: it needs a CUDA device\n"
 
 
+def test_cpu_kernels_need_the_torch_backend_on_the_cpu(capsys):
+    assert main(["bench", "--cpu-kernels", "--backend", "triton", "--device", "cpu"]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err == ("gradsafe bench: --cpu-kernels times the torch backend's CPU loops: it needs --device cpu "
+                       "and --backend torch\n")
+
+
 def test_python_m_gradsafe_bench_is_gradsafe_bench(capsys):
     from gradsafe.bench import main as bench_main
 

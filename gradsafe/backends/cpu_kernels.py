@@ -1,0 +1,93 @@
+"""The flat surgery's two passes as compiled CPU loops (``kernels/cpu_surgery.cpp``).
+
+``TorchBackend(cpu_kernels=True)`` runs its dense float32 coefficient and apply passes on the
+CPU through these instead of ``torch.mv`` / ``addmv_``. They are compiled on first use with
+``torch.utils.cpp_extension.load`` (a C++ compiler and ninja are needed; the build, about a
+minute, is cached in ``TORCH_EXTENSIONS_DIR`` and reused by later processes) and built for
+the machine they run on (``-march=native``).
+
+- ``coefficients(rows, h, out, norm=None)``: ``out = rows @ h`` for rows ``(r, n)`` with unit
+  column stride, and ``norm[0] = |h|^2`` when given;
+- ``accumulate(rows_t, w, h, overwrite=False)``: ``h += rows_t @ w`` (``h = rows_t @ w`` with
+  ``overwrite``) for the transposed rows ``(n, r)``.
+
+Both take float32 CPU tensors, release the GIL and run on the calling thread.
+
+``GRADSAFE_CPU_KERNELS=1`` in the environment turns them on for every ``TorchBackend`` built
+without an explicit ``cpu_kernels`` (``backend="torch"``, the auto backend's CPU steps).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+
+__all__ = ["load_cpu_kernels", "cpu_kernels_unavailable_reason", "cpu_kernels_from_env", "ENV_VAR", "SOURCE"]
+
+ENV_VAR = "GRADSAFE_CPU_KERNELS"
+SOURCE = "cpu_surgery.cpp"
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_error: str | None = None
+
+
+def _source() -> Path:
+    """``kernels/cpu_surgery.cpp``, found without importing ``gradsafe.kernels`` (that imports triton)."""
+    spec = importlib.util.find_spec("gradsafe.kernels")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the gradsafe.kernels folder is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "cpu_surgery.cpp"
+
+
+
+def load_cpu_kernels() -> ModuleType:
+    """The compiled module (built on the first call of the process, then cached).
+
+    Raises ``RuntimeError`` saying why when it cannot be built (no compiler, no ninja, a
+    failed compile); the reason is kept, so later calls fail at once the same way.
+    """
+    global _module, _error
+    with _lock:
+        if _module is not None:
+            return _module
+        if _error is not None:
+            raise RuntimeError(_error)
+        try:
+            from torch.utils.cpp_extension import load
+
+            path = _source()
+            _module = load(
+                name="gradsafe_cpu_surgery",
+                sources=[str(path)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+                verbose=os.environ.get("GRADSAFE_VERBOSE_BUILD") == "1",
+            )
+        except Exception as exc:  # a missing compiler or ninja surfaces as several exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            _error = (
+                f"gradsafe's CPU kernels (kernels/{SOURCE}) could not be built: {type(exc).__name__}: {first} "
+                "(they need a C++ compiler and ninja: `pip install ninja`; or use TorchBackend() without cpu_kernels)"
+            )
+            raise RuntimeError(_error) from exc
+        return _module
+
+
+def cpu_kernels_unavailable_reason() -> str | None:
+    """None when the CPU kernels build (building them if needed), else why not."""
+    try:
+        load_cpu_kernels()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def cpu_kernels_from_env() -> bool:
+    """``GRADSAFE_CPU_KERNELS``: ``1`` on, ``0`` or unset off; anything else is an error."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{ENV_VAR}={value!r}: expected 1 (compiled CPU loops) or 0 (torch ops)")
+    return value == "1"
