@@ -4,9 +4,9 @@
 //               the rows and h;
 // accumulate:   h += rows^T w (or h = rows^T w) in one pass, h read and written once.
 //
-// On the 2-core machine the project is tested on, torch.mv and addmv_ (BLAS gemv) stream
-// these passes at about 60 % of the bandwidth fused AdamW reaches there
-// (benchmarks/cpu_read_bandwidth.py). These loops read up to GROUP rows and h together,
+// On the 2-core machine the project is tested on, the flat step through torch.mv and addmv_
+// (BLAS gemv) takes 1.4-1.5x its bytes floor, through these loops 1.1-1.3x
+// (benchmarks/RESULTS.md). These loops read up to GROUP rows and h together,
 // column by column, in blocks of BLOCK columns (h's block stays in cache while further
 // groups of rows are read).
 //

@@ -4,7 +4,8 @@
 CPU through these instead of ``torch.mv`` / ``addmv_``. They are compiled on first use with
 ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja are needed; the build, about a
 minute, is cached in ``TORCH_EXTENSIONS_DIR`` and reused by later processes) and built for
-the machine they run on (``-march=native``).
+the machine they run on (``-march=native``; the cached build's name carries a hash of the
+CPU's model and flags, so a build cache shared between machines keeps one per kind of CPU).
 
 - ``coefficients(rows, h, out, norm=None)``: ``out = rows @ h`` for rows ``(r, n)`` with unit
   column stride, and ``norm[0] = |h|^2`` when given;
@@ -19,8 +20,10 @@ without an explicit ``cpu_kernels`` (``backend="torch"``, the auto backend's CPU
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import platform
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -44,6 +47,24 @@ def _source() -> Path:
 
 
 
+def _cpu_tag() -> str:
+    """A short hash of this CPU's model and instruction-set flags.
+
+    The build is cached under its name, and ``-march=native`` code built on one CPU may not
+    run on another: machines that share a home folder (and so torch's build cache) build one
+    copy per kind of CPU instead of loading another's.
+    """
+    described = f"{platform.machine()} {platform.processor()}"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info = fh.read()
+        described += "".join(line for line in info.splitlines(keepends=True)
+                             if line.startswith(("model name", "flags", "Features", "CPU part")))
+    except OSError:  # not Linux: the machine and processor names are what there is
+        pass
+    return hashlib.sha256(described.encode()).hexdigest()[:12]
+
+
 def load_cpu_kernels() -> ModuleType:
     """The compiled module (built on the first call of the process, then cached).
 
@@ -61,7 +82,7 @@ def load_cpu_kernels() -> ModuleType:
 
             path = _source()
             _module = load(
-                name="gradsafe_cpu_surgery",
+                name=f"gradsafe_cpu_surgery_{_cpu_tag()}",
                 sources=[str(path)],
                 extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
                 verbose=os.environ.get("GRADSAFE_VERBOSE_BUILD") == "1",

@@ -237,6 +237,13 @@ def test_an_optimizer_with_the_loops_copies(kernels, monkeypatch, how):
     assert calls
 
 
+def test_the_build_is_named_for_this_kind_of_cpu(kernels):
+    """-march=native code is cached under a name that carries the CPU's model and flags."""
+    tag = ck._cpu_tag()
+    assert len(tag) == 12 and tag == ck._cpu_tag()
+    assert kernels.__name__ == f"gradsafe_cpu_surgery_{tag}"
+
+
 def test_bad_switches_are_refused(monkeypatch):
     monkeypatch.setenv(ck.ENV_VAR, "yes")
     with pytest.raises(ValueError, match="GRADSAFE_CPU_KERNELS='yes'"):
