@@ -3,7 +3,8 @@
 ``TorchBackend(cpu_kernels=True)`` runs its dense float32 coefficient and apply passes on the
 CPU through these instead of ``torch.mv`` / ``addmv_``. They are compiled on first use with
 ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja are needed; the build, about a
-minute, is cached in ``TORCH_EXTENSIONS_DIR`` and reused by later processes) and built for
+minute, announced by one line on stderr, is cached in ``TORCH_EXTENSIONS_DIR`` and reused by
+later processes) and built for
 the machine they run on (``-march=native``; the cached build's name carries a hash of the
 CPU's model and flags, so a build cache shared between machines keeps one per kind of CPU).
 
@@ -15,7 +16,8 @@ CPU's model and flags, so a build cache shared between machines keeps one per ki
 Both take float32 CPU tensors, release the GIL and run on the calling thread.
 
 ``GRADSAFE_CPU_KERNELS=1`` in the environment turns them on for every ``TorchBackend`` built
-without an explicit ``cpu_kernels`` (``backend="torch"``, the auto backend's CPU steps).
+without an explicit ``cpu_kernels`` (``backend="torch"``, the auto backend's CPU steps);
+``GRADSAFE_VERBOSE_BUILD=1`` shows the build's commands and the compiler's output.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import hashlib
 import importlib.util
 import os
 import platform
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +35,8 @@ __all__ = ["load_cpu_kernels", "cpu_kernels_unavailable_reason", "cpu_kernels_fr
 
 ENV_VAR = "GRADSAFE_CPU_KERNELS"
 SOURCE = "cpu_surgery.cpp"
+# seconds a load may take before a line on stderr says a build is under way
+BUILD_NOTICE_AFTER_S = 2.0
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -43,8 +48,7 @@ def _source() -> Path:
     spec = importlib.util.find_spec("gradsafe.kernels")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the gradsafe.kernels folder is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "cpu_surgery.cpp"
-
+    return Path(next(iter(spec.submodule_search_locations))) / SOURCE
 
 
 def _cpu_tag() -> str:
@@ -77,6 +81,12 @@ def load_cpu_kernels() -> ModuleType:
             return _module
         if _error is not None:
             raise RuntimeError(_error)
+        # a cached build loads in well under a second; only a real build says it is building
+        notice = threading.Timer(BUILD_NOTICE_AFTER_S, lambda: print(
+            f"gradsafe: building the CPU kernels (kernels/{SOURCE}); once per kind of CPU, about a minute",
+            file=sys.stderr, flush=True))
+        notice.daemon = True
+        notice.start()
         try:
             from torch.utils.cpp_extension import load
 
@@ -94,6 +104,8 @@ def load_cpu_kernels() -> ModuleType:
                 "(they need a C++ compiler and ninja: `pip install ninja`; or use TorchBackend() without cpu_kernels)"
             )
             raise RuntimeError(_error) from exc
+        finally:
+            notice.cancel()
         return _module
 
 

@@ -237,6 +237,25 @@ def test_an_optimizer_with_the_loops_copies(kernels, monkeypatch, how):
     assert calls
 
 
+def test_a_slow_load_says_a_build_is_under_way(monkeypatch, capsys):
+    import time
+
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(ck, "_module", None)
+    monkeypatch.setattr(ck, "_error", None)
+    monkeypatch.setattr(ck, "BUILD_NOTICE_AFTER_S", 0.05)
+    monkeypatch.setattr(cpp, "load", lambda *a, **k: (time.sleep(0.5), "built")[1])
+    assert ck.load_cpu_kernels() == "built"
+    assert capsys.readouterr().err == (
+        "gradsafe: building the CPU kernels (kernels/cpu_surgery.cpp); once per kind of CPU, about a minute\n")
+    monkeypatch.setattr(ck, "_module", None)
+    monkeypatch.setattr(cpp, "load", lambda *a, **k: "cached")
+    assert ck.load_cpu_kernels() == "cached"
+    time.sleep(0.2)  # past the notice's delay: a fast load says nothing
+    assert capsys.readouterr().err == ""
+
+
 def test_the_build_is_named_for_this_kind_of_cpu(kernels):
     """-march=native code is cached under a name that carries the CPU's model and flags."""
     tag = ck._cpu_tag()
