@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from _reference import all_params, flatten, step_capture
+from gradsafe import ProtectedOptimizer
 from gradsafe.backends import cpu_kernels as ck
 from gradsafe.backends.torch_backend import TorchBackend
 
@@ -23,6 +24,25 @@ def kernels():
     if reason is not None:
         pytest.skip(reason)
     return ck.load_cpu_kernels()
+
+
+@pytest.fixture
+def calls(kernels, monkeypatch):
+    """Count the loops' calls (by name) for the test's duration: a step said to run through
+    them must really have."""
+    seen = {"coefficients": 0, "accumulate": 0}
+
+    def counted(name):
+        real = getattr(kernels, name)
+
+        def call(*args):
+            seen[name] += 1
+            return real(*args)
+
+        return staticmethod(call)
+
+    monkeypatch.setattr(ck, "_module", type("Counted", (), {n: counted(n) for n in seen})())
+    return seen
 
 
 ROWS = [0, 1, 2, 3, 5, 8, 9, 16, 19]
@@ -82,7 +102,7 @@ def test_bad_arguments_are_refused_with_what_is_wrong(kernels):
 
 
 # ---------------------------------------------------------------------------- in the backend
-def steps_with_and_without(seed, threads, dtype=torch.float32, setup=mixture):
+def steps_with_and_without(seed, threads, dtype=torch.float32):
     """The same step by the torch backend with and without the loops: results and records."""
     out = {}
     for compiled in (False, True):
@@ -90,7 +110,7 @@ def steps_with_and_without(seed, threads, dtype=torch.float32, setup=mixture):
         backend = TorchBackend(threads=threads, cpu_kernels=compiled)
         opt = make_opt(BIG, dtype=dtype, gen=gen, backend=backend)
         grads = rand_grads(opt, gen)
-        setup(opt, gen, grads)
+        mixture(opt, gen, grads)
         originals = [g.clone() for g in grads]
         out[compiled] = (step_capture(opt, grads), opt.report, originals, all_params(opt))
     return out
@@ -98,8 +118,9 @@ def steps_with_and_without(seed, threads, dtype=torch.float32, setup=mixture):
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_the_backend_with_the_loops_takes_the_torch_ops_step(kernels, small_parts, seed, threads):
+def test_the_backend_with_the_loops_takes_the_torch_ops_step(calls, small_parts, seed, threads):
     out = steps_with_and_without(seed, threads)
+    assert calls["coefficients"] and calls["accumulate"]
     (plain, plain_report, originals, params), (fused, fused_report, *_) = out[False], out[True]
     moved = float((flatten(plain, params) - flatten(originals, params)).norm() / flatten(originals, params).norm())
     assert moved > 0.05  # the surgery is not vacuous
@@ -122,7 +143,7 @@ def test_other_dtypes_through_the_loops(kernels, small_parts, dtype, threads):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_subtract_from_through_the_loops(kernels, small_parts, threads):
     gen = torch.Generator().manual_seed(5)
-    plain, fused = TorchBackend(threads=threads), TorchBackend(threads=threads, cpu_kernels=True)
+    plain, fused = TorchBackend(threads=threads, cpu_kernels=False), TorchBackend(threads=threads, cpu_kernels=True)
     opt = make_opt(BIG, gen=gen, backend=plain)
     u = rand_grads(opt, gen)
     undamped_mixture(opt, gen, u)
@@ -137,7 +158,7 @@ def test_subtract_from_through_the_loops(kernels, small_parts, threads):
     assert torch.allclose(torch.as_tensor(rb.coefs), torch.as_tensor(ra.coefs), rtol=1e-5, atol=1e-4)
 
 
-def test_a_live_reference_lent_to_the_loops(kernels):
+def test_a_live_reference_lent_to_the_loops(calls):
     """A conflict closure refreshed every step (its rows are the closure's gradients): both
     backends take the same steps over several refreshes."""
     params_of, runs = {}, {}
@@ -145,8 +166,6 @@ def test_a_live_reference_lent_to_the_loops(kernels):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
         x, y, xa, ya = torch.randn(32, 12), torch.randint(0, 3, (32,)), torch.randn(32, 12), torch.randint(0, 3, (32,))
-        from gradsafe import ProtectedOptimizer
-
         opt = ProtectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5),
                                  backend=TorchBackend(threads=1, cpu_kernels=compiled))
         opt.protect("align", closure=lambda: torch.nn.functional.cross_entropy(model(xa), 2 - ya),
@@ -158,6 +177,8 @@ def test_a_live_reference_lent_to_the_loops(kernels):
             opt.step()
             active += opt.report["align"]["conflict"] > 0
         runs[compiled] = active
+        if compiled:  # six steps, each through the loops
+            assert calls["coefficients"] >= 6 * 4 and calls["accumulate"] > 0
         params_of[compiled] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     assert runs[False] > 0  # the constraint acted
     assert runs[True] == runs[False]
@@ -213,18 +234,12 @@ def test_the_environment_switches_them_on(kernels, monkeypatch):
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
-def test_an_optimizer_with_the_loops_copies(kernels, monkeypatch, how):
+def test_an_optimizer_with_the_loops_copies(calls, how):
     """The backend keeps a flag, not the compiled module: a wrapper with it deep-copies and
     pickles, and the copy steps through the loops too."""
     import copy
     import pickle
 
-    calls = []
-    real = kernels.coefficients
-    monkeypatch.setattr(ck, "_module", type("Counting", (), {
-        "coefficients": staticmethod(lambda *a: (calls.append(1), real(*a))[1]),
-        "accumulate": staticmethod(kernels.accumulate),
-    })())
     gen = torch.Generator().manual_seed(9)
     opt = make_opt(BIG, gen=gen, backend=TorchBackend(threads=1, cpu_kernels=True))
     grads = rand_grads(opt, gen)
@@ -234,7 +249,7 @@ def test_an_optimizer_with_the_loops_copies(kernels, monkeypatch, how):
     for p, g in zip(all_params(twin), grads):
         p.grad = g.clone()
     twin.step()
-    assert calls
+    assert calls["coefficients"] and calls["accumulate"]
 
 
 def test_a_slow_load_says_a_build_is_under_way(monkeypatch, capsys):
