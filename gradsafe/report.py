@@ -187,6 +187,8 @@ class _WeightIndex:
     updated in place when rows are rewritten), so that they take a few numpy calls per step
     instead of a loop over tensors.
 
+    ``rows``: per position ``p``, the flat weight index of each row of ``M_p`` (the weights of
+    the acting rows on ``p``, in ``M_p``'s order, are ``weights[rows[p]]``).
     ``removed``: every entry ``(i, j)`` of every tensor's Gram ``M_p``: its index in the store,
     the weights of its row and of its column, and ``p``; then ``sum_ij w_i M_p[i, j] w_j`` per
     tensor is one ``bincount``. ``along``, per acting block: for each tensor ``t`` of the block
@@ -194,6 +196,7 @@ class _WeightIndex:
     ``i`` and ``t``: ``(acting rows on t @ r_mean) . w_t`` per tensor.
     """
 
+    rows: list[np.ndarray]
     removed: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     along: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]
 
@@ -231,19 +234,7 @@ class _WeightIndex:
                 wts.append(rows_weights[p])
                 ts.append(np.full(m, t))
             along[bi] = tuple(np.concatenate(x) if x else empty for x in (store, wts, ts))
-        return cls(removed, along)
-
-
-def _tensor_weights(plan: "Plan", weights: np.ndarray, p: int) -> np.ndarray:
-    """All weights of the acting rows on tensor ``p``, in the order of the tensor's Gram matrix."""
-    rule = plan.rule
-    w_p = np.empty(rule.tensor_grams[p].shape[0])
-    for bi, off in rule.local[p].items():
-        b = plan.blocks[bi]
-        t = rule.local_index[(bi, p)]
-        start = b.coef_offset + t * b.num_rows
-        w_p[off : off + b.num_rows] = weights[start : start + b.num_rows]
-    return w_p
+        return cls(rows_weights, removed, along)
 
 
 @dataclass
@@ -323,8 +314,9 @@ def step_report(
                 along += np.bincount(ts, weights=store[at] * weights[wi], minlength=b.num_tensors)
             else:
                 for t, p in enumerate(b.positions):
-                    if plan.rule.tensor_grams[p].shape[0]:
-                        along[t] += float(consts.cross[bi][t] @ _tensor_weights(plan, weights, p))
+                    rows = consts.index.rows[p]
+                    if rows.size:
+                        along[t] += float(consts.cross[bi][t] @ weights[rows])
         if aligned is not None:
             along += aligned[bi]
         change_t = -step_scale[b.positions] * along
