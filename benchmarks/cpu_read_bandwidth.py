@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from gradsafe.bench.common import measure
 
 K = 8  # the bench's basis rows per tensor
 
@@ -45,19 +46,6 @@ def load_cpp():
     except RuntimeError as exc:  # the torch rows still answer the question
         print(exc)
         return None
-
-
-def time_interleaved(cases: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each case, the cases taking turns within every round."""
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, run in cases.items():
-            run()  # warm the caches and the page tables the same way for every case
-            start = time.perf_counter()
-            run()
-            run()
-            times[name].append((time.perf_counter() - start) / 2)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         cases["coefficients (compiled)"] = (cpp_coefficients, 4 * K + 4)
         cases["apply (compiled)"] = (cpp_apply, 4 * K + 8)
 
-    med = time_interleaved({name: run for name, (run, _) in cases.items()}, args.rounds)
+    times = measure({name: (lambda r, run=run: run()) for name, (run, _) in cases.items()}, args.rounds)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"{numel:,} parameters in {args.tensors} tensors, k={K}, fp32, {args.threads} threads, "
           f"{args.rounds} interleaved rounds")
     print(f"{'case':28s} {'B/param':>8s} {'median ms':>10s} {'GB/s':>7s}")
